@@ -1,0 +1,58 @@
+# Two commands: `make demo` and `make test`. Both set everything up first (Debian packages, .venv, pinned
+# CPU torch) and can be run again at no cost: set-up is redone only when pyproject.toml or constraints.txt change.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the project needs at run or test time.
+APT_PACKAGES :=
+DEMO := demo-out
+
+.PHONY: setup system-deps demo test lint typecheck bench clean
+
+setup: $(STAMP)
+
+system-deps:
+	@missing=""; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="python3-venv"; \
+	for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml constraints.txt
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# constraints.txt pins every dependency, torch to its CPU build: a fresh machine never fetches CUDA.
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m fixtures.synth --out $(DEMO)/train --normal 20 --per-fault 0 --seed 0
+	$(BIN)/python -m fixtures.synth --out $(DEMO)/test --normal 4 --per-fault 2 --seed 1
+	$(BIN)/python -m training.train --normal $(DEMO)/train/normal --out $(DEMO)/bundle \
+	    --preset configs/train-small.toml --name demo-machine
+	@echo; echo "== scoring 4 normal and 6 faulty clips the model has never heard =="
+	# Exit status 1 means "some file is anomalous", which is what this demo expects to see.
+	$(BIN)/anomalyd score --bundle $(DEMO)/bundle $(DEMO)/test/normal/*.wav $(DEMO)/test/anomaly/*.wav \
+	    || [ $$? -eq 1 ]
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy anomalyd training fixtures
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	@test -d $(DEMO)/bundle || $(MAKE) --no-print-directory demo
+	$(BIN)/python -m anomalyd.bench --bundle $(DEMO)/bundle
+
+clean:
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from anomalyd.cli import main
+
+sys.exit(main())

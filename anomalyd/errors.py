@@ -1,0 +1,31 @@
+"""The project's exception vocabulary.
+
+Every message names the bad value and where it came from, so that one log line is enough to act on.
+Edges convert them: the CLI to an exit status, training to a skipped file, the daemon to log-and-retry.
+"""
+
+from __future__ import annotations
+
+
+class AnomalydError(Exception):
+    """Base class: anything the user can fix by changing an input."""
+
+
+class AudioError(AnomalydError):
+    """An audio file that cannot be read or used (missing, empty, truncated, not audio, too short)."""
+
+
+class BundleError(AnomalydError):
+    """A model bundle that cannot be used: missing or corrupt files, checksum mismatch, bad metadata."""
+
+
+class ChecksumError(BundleError):
+    """A bundle file whose content differs from the checksum recorded in model.json."""
+
+
+class IncompatibleBundleError(BundleError):
+    """A bundle whose feature parameters or format this version cannot score with."""
+
+
+class ConfigError(AnomalydError):
+    """A configuration file or option that fails validation."""

@@ -1,0 +1,118 @@
+"""The audio loader on every kind of file a plant engineer may hand it."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from anomalyd.audio import list_audio_files, load_audio, read_audio
+from anomalyd.errors import AudioError
+from tests.conftest import MIMII
+
+RATE = 16_000
+
+
+def tone(freq: float = 440.0, seconds: float = 1.0, rate: int = RATE) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.5 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("subtype", "tolerance"),
+    [("PCM_16", 1 / 2**15), ("PCM_24", 1 / 2**23), ("PCM_32", 1 / 2**31), ("FLOAT", 0.0), ("DOUBLE", 0.0)],
+)
+def test_wav_sample_formats_read_as_float32(tmp_path: Path, subtype: str, tolerance: float) -> None:
+    x = tone()
+    path = tmp_path / f"{subtype}.wav"
+    sf.write(path, x, RATE, subtype=subtype)
+    y = load_audio(path, RATE)
+    assert y.dtype == np.float32
+    assert y.shape == x.shape
+    assert np.max(np.abs(y - x)) <= tolerance
+
+
+def test_flac(tmp_path: Path) -> None:
+    x = tone()
+    sf.write(tmp_path / "a.flac", x, RATE, subtype="PCM_16")
+    assert np.max(np.abs(load_audio(tmp_path / "a.flac", RATE) - x)) <= 1 / 2**15
+
+
+def test_wave_format_extensible_multichannel_like_mimii_originals(tmp_path: Path) -> None:
+    """The MIMII originals: 8 channels, WAVE_FORMAT_EXTENSIBLE. Channel 0 must equal the mono copy."""
+    mono, rate = read_audio(MIMII / "normal" / "00000000.wav")
+    channels = np.stack([mono * (1 - 0.1 * c) for c in range(8)], axis=1)
+    path = tmp_path / "eight.wav"
+    sf.write(path, channels, rate, subtype="PCM_16", format="WAVEX")
+    with path.open("rb") as f:
+        header = f.read(40)
+    assert struct.unpack("<H", header[20:22])[0] == 0xFFFE  # WAVE_FORMAT_EXTENSIBLE
+    np.testing.assert_array_equal(load_audio(path, 16_000, channel=0), mono)
+    np.testing.assert_allclose(load_audio(path, 16_000, channel=3), channels[:, 3], atol=1 / 2**15)
+
+
+def test_channel_out_of_range_names_file_and_channels(tmp_path: Path) -> None:
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.zeros((RATE, 2), dtype=np.float32), RATE)
+    with pytest.raises(AudioError, match=r"stereo\.wav: channel 5 requested, file has 2"):
+        load_audio(path, RATE, channel=5)
+
+
+@pytest.mark.parametrize("rate", [8_000, 22_050, 44_100, 48_000])
+def test_other_rates_are_resampled_to_the_model_rate(tmp_path: Path, rate: int) -> None:
+    path = tmp_path / f"r{rate}.wav"
+    sf.write(path, tone(1000.0, 2.0, rate), rate, subtype="PCM_16")
+    y = load_audio(path, RATE)
+    assert len(y) == pytest.approx(2 * RATE, abs=2)
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    peak_hz = np.argmax(spectrum) * RATE / len(y)
+    assert peak_hz == pytest.approx(1000.0, abs=1.0)
+
+
+def _bytes_of_valid_wav(tmp_path: Path) -> bytes:
+    sf.write(tmp_path / "ok.wav", tone(), RATE, subtype="PCM_16")
+    return (tmp_path / "ok.wav").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (lambda b: b[: len(b) // 2], "truncated WAV: header declares 32000 bytes of audio, file holds"),
+        (lambda b: b[:30], "not a readable audio file"),
+        (lambda b: b"", "not a readable audio file"),
+        (lambda b: b"This is a text file, not audio." * 10, "not a readable audio file"),
+        (lambda b: b[:44], "holds no audio samples|truncated"),
+    ],
+    ids=["truncated", "header-only", "empty", "text", "no-samples"],
+)
+def test_bad_files_give_one_clear_line_naming_the_file(tmp_path: Path, content, message: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "bad.wav"
+    path.write_bytes(content(_bytes_of_valid_wav(tmp_path)))
+    with pytest.raises(AudioError, match=message) as info:
+        load_audio(path, RATE)
+    assert str(info.value).startswith(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(AudioError, match="no such file"):
+        load_audio(tmp_path / "nope.wav", RATE)
+
+
+def test_nan_samples_are_refused(tmp_path: Path) -> None:
+    x = tone()
+    x[100] = np.nan
+    sf.write(tmp_path / "nan.wav", x, RATE, subtype="FLOAT")
+    with pytest.raises(AudioError, match="NaN"):
+        load_audio(tmp_path / "nan.wav", RATE)
+
+
+def test_list_audio_files_is_sorted_and_filters_suffixes(tmp_path: Path) -> None:
+    for name in ("b.wav", "a.FLAC", "notes.txt", "c.wav"):
+        (tmp_path / name).write_bytes(b"")
+    assert [p.name for p in list_audio_files(tmp_path)] == ["a.FLAC", "b.wav", "c.wav"]
+    with pytest.raises(AudioError, match="not a directory"):
+        list_audio_files(tmp_path / "missing")

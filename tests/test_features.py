@@ -1,0 +1,118 @@
+"""Features: numpy log-mel held to librosa on real audio; windows and scores on known arrays."""
+
+from __future__ import annotations
+
+import librosa
+import numpy as np
+import pytest
+
+from anomalyd.audio import load_audio
+from anomalyd.features import FeatureParams, LogMel
+from anomalyd.windows import Normalisation, WindowGeometry, slice_windows, window_errors
+from tests.conftest import MIMII
+from training.dataset import make_filterbank
+
+
+@pytest.fixture(scope="module")
+def logmel() -> LogMel:
+    params = FeatureParams()
+    return LogMel(params, make_filterbank(params))
+
+
+@pytest.mark.parametrize("clip", ["normal/00000000.wav", "anomaly/00000001.wav"])
+def test_logmel_matches_librosa_on_real_mimii_clip(logmel: LogMel, clip: str) -> None:
+    p = logmel.params
+    y = load_audio(MIMII / clip, p.sample_rate)
+    ours = logmel(y)
+    mel = librosa.feature.melspectrogram(
+        y=y,
+        sr=p.sample_rate,
+        n_fft=p.n_fft,
+        hop_length=p.hop_length,
+        n_mels=p.n_mels,
+        power=2.0,
+        center=False,
+    )
+    reference = librosa.power_to_db(mel, ref=1.0, amin=p.amin, top_db=None)
+    assert ours.shape == reference.shape == (128, 311)
+    assert np.max(np.abs(ours - reference)) < 1e-3  # dB
+
+
+def test_frames_are_independent_of_what_follows(logmel: LogMel) -> None:
+    """No centre padding: the log-mel of a prefix is a prefix of the log-mel (streaming == offline)."""
+    y = load_audio(MIMII / "normal" / "00000002.wav", 16_000)
+    whole = logmel(y)
+    part = logmel(y[: 16_000 * 3 + 123])
+    np.testing.assert_array_equal(whole[:, : part.shape[1]], part)
+
+
+def test_frame_count() -> None:
+    p = FeatureParams()
+    assert p.n_frames(1023) == 0
+    assert p.n_frames(1024) == 1
+    assert p.n_frames(1024 + 511) == 1
+    assert p.n_frames(1024 + 512) == 2
+    assert p.n_frames(160_000) == 311
+
+
+def test_short_audio_gives_no_frames(logmel: LogMel) -> None:
+    assert logmel(np.zeros(100, dtype=np.float32)).shape == (128, 0)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"power": 1.0}, "power must be 2.0"),
+        ({"center": True}, "center=true is not supported"),
+        ({"fmax": 9000.0}, "fmax <= sample_rate/2"),
+        ({"window": "hamming"}, "window must be 'hann'"),
+        ({"n_fft": 0}, "must be positive"),
+    ],
+)
+def test_unsupported_parameters_are_named(change: dict[str, object], problem: str) -> None:
+    params = FeatureParams(**change)  # type: ignore[arg-type]
+    assert any(problem in p for p in params.problems())
+    with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
+        LogMel(params, np.zeros((128, 513), dtype=np.float32))
+
+
+def test_filterbank_shape_is_checked() -> None:
+    with pytest.raises(ValueError, match=r"shape \(64, 513\), parameters need \(128, 513\)"):
+        LogMel(FeatureParams(), np.zeros((64, 513), dtype=np.float32))
+
+
+def test_unknown_feature_keys_are_rejected() -> None:
+    with pytest.raises(KeyError, match="hop_size"):
+        FeatureParams.from_dict({**FeatureParams().to_dict(), "hop_size": 256})
+
+
+def test_windows_and_geometry() -> None:
+    logmel = np.arange(4 * 100, dtype=np.float32).reshape(4, 100)
+    windows = slice_windows(logmel, n_frames=64, hop_frames=16)
+    assert windows.shape == (WindowGeometry().n_windows(100), 4, 64) == (3, 4, 64)
+    np.testing.assert_array_equal(windows[2], logmel[:, 32:96])
+    assert slice_windows(logmel[:, :10], 64, 16).shape == (0, 4, 64)
+
+
+def test_window_errors_pool_one_is_mse_and_pooling_cancels_zero_mean_noise() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 8, 64)).astype(np.float32)
+    noise = rng.choice([-1.0, 1.0], size=(5, 8, 64)).astype(np.float32)
+    np.testing.assert_allclose(window_errors(x, x + noise, pool_frames=1), 1.0, rtol=1e-6)
+    # Alternating +1/-1 along time: plain error 1, pooled over 2 frames exactly 0.
+    alternating = np.tile(np.array([1.0, -1.0], dtype=np.float32), (5, 8, 32))
+    np.testing.assert_allclose(window_errors(x, x + alternating, pool_frames=2), 0.0, atol=1e-12)
+    # A steady offset survives pooling unchanged.
+    np.testing.assert_allclose(window_errors(x, x + 0.5, pool_frames=16), 0.25, rtol=1e-6)
+
+
+def test_normalisation_round_trip() -> None:
+    rng = np.random.default_rng(1)
+    logmels = [rng.normal(-40, 5, size=(4, 50)).astype(np.float32) for _ in range(3)]
+    norm = Normalisation.fit(logmels)
+    normalised = norm.apply(np.stack([m[:, :16] for m in logmels]))
+    assert normalised.dtype == np.float32
+    again = Normalisation.from_dict(norm.to_dict())
+    np.testing.assert_array_equal(again.mean, norm.mean)
+    all_frames = np.concatenate(logmels, axis=1)
+    np.testing.assert_allclose(norm.mean, all_frames.mean(axis=1), rtol=1e-5)

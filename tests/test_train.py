@@ -1,0 +1,155 @@
+"""Training through the real command: bundle content, reproducibility, bad input, detection quality."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from anomalyd.audio import list_audio_files
+from anomalyd.bundle import load_bundle, sha256_file
+from anomalyd.scoring import ClipScorer
+from fixtures.synth import FAULTS
+from training import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
+    meta = json.loads((bundle_dir / "model.json").read_text())
+    assert sorted(p.name for p in bundle_dir.iterdir()) == [
+        "mel_filterbank.npy",
+        "model.json",
+        "model.onnx",
+        "weights.safetensors",
+    ]
+    assert meta["features"]["sample_rate"] == 16_000
+    assert meta["features"]["n_mels"] == 128
+    assert meta["window"] == {"n_frames": 64, "hop_frames": 16, "pool_frames": 16}
+    assert len(meta["normalisation"]["mean"]) == len(meta["normalisation"]["std"]) == 128
+    t = meta["threshold"]
+    assert t["k"] == 3.0
+    assert t["value"] == pytest.approx(t["mean"] + 3.0 * t["std"])
+    assert t["n_clips"] == len(meta["training"]["val_files"]) >= 2
+    assert meta["export"]["parity_max_abs_diff"] <= 1e-4
+    assert set(meta["versions"]) >= {"anomalyd", "torch", "onnxruntime", "numpy", "librosa"}
+    assert meta["created_at"].endswith("+00:00")
+    assert meta["model_id"].startswith("normal-")
+    for name, digest in meta["files"].items():
+        assert sha256_file(bundle_dir / name) == digest
+    # The fingerprint covers exactly the training folder's files.
+    train_names = {f["name"] for f in meta["training"]["train_files"] + meta["training"]["val_files"]}
+    assert train_names == {p.name for p in list_audio_files(synth_train)}
+    assert not set(f["name"] for f in meta["training"]["train_files"]) & set(
+        f["name"] for f in meta["training"]["val_files"]
+    )
+
+
+def test_threshold_is_reproduced_by_the_runtime(bundle_dir: Path, synth_train: Path) -> None:
+    """Scoring the validation files again through anomalyd gives the stored mean and std."""
+    bundle = load_bundle(bundle_dir)
+    scorer = ClipScorer.from_bundle(bundle)
+    val = [synth_train / f["name"] for f in bundle.meta.training["val_files"]]
+    scores = np.array([scorer.score_file(p).score for p in val])
+    assert scores.mean() == pytest.approx(bundle.meta.threshold.clip_scores.mean, rel=1e-5)
+    assert scores.std(ddof=1) == pytest.approx(bundle.meta.threshold.clip_scores.std, rel=1e-4)
+
+
+def test_every_fault_type_is_detected(bundle_dir: Path, synth_test: Path) -> None:
+    bundle = load_bundle(bundle_dir)
+    scorer = ClipScorer.from_bundle(bundle)
+    normal = np.array([scorer.score_file(p).score for p in list_audio_files(synth_test / "normal")])
+    threshold = bundle.meta.threshold.value
+    under = float(np.mean(normal <= threshold))
+    assert under >= 0.95, f"only {under:.0%} of held-out normal clips under the threshold"
+    for fault in FAULTS:
+        faulty = np.array(
+            [scorer.score_file(p).score for p in sorted((synth_test / "anomaly").glob(f"{fault}_*.wav"))]
+        )
+        assert len(faulty) == 10
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(faulty))]
+        auc = roc_auc_score(labels, np.r_[normal, faulty])
+        assert auc >= 0.95, f"{fault}: AUC {auc:.3f}"
+
+
+def _quick_train(normal: Path, out: Path, *extra: str) -> int:
+    args = ["--normal", str(normal), "--out", str(out), "--epochs", "3", "--channels", "8,8,4", "--quiet"]
+    return train.main([*args, *extra])
+
+
+def test_same_seed_same_model_other_seed_other_model(synth_train: Path, tmp_path: Path) -> None:
+    assert _quick_train(synth_train, tmp_path / "a", "--seed", "7") == 0
+    assert _quick_train(synth_train, tmp_path / "b", "--seed", "7") == 0
+    assert _quick_train(synth_train, tmp_path / "c", "--seed", "8") == 0
+    weights = [sha256_file(tmp_path / x / "weights.safetensors") for x in "abc"]
+    assert weights[0] == weights[1] != weights[2]
+    ids = [load_bundle(tmp_path / x).meta.model_id for x in "abc"]
+    assert ids[0] == ids[1] != ids[2]
+
+
+def test_bad_files_are_skipped_with_a_warning_and_counted(
+    synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "normal"
+    shutil.copytree(synth_train, folder)
+    good = folder / "normal_0000.wav"
+    (folder / "cut.wav").write_bytes(good.read_bytes()[:5000])
+    (folder / "notes.wav").write_text("not audio")
+    (folder / "short.wav").write_bytes(good.read_bytes()[:44] + b"")
+    with caplog.at_level(logging.WARNING):
+        assert _quick_train(folder, tmp_path / "bundle") == 0
+    skipped = load_bundle(tmp_path / "bundle").meta.training["skipped_files"]
+    assert sorted(s["name"] for s in skipped) == ["cut.wav", "notes.wav", "short.wav"]
+    assert "skipped 3 of 33 files" in caplog.text
+    assert "truncated WAV" in caplog.text
+
+
+def test_retraining_replaces_a_bundle_but_never_other_folders(synth_train: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bundle"
+    assert _quick_train(synth_train, out) == 0
+    assert _quick_train(synth_train, out, "--seed", "3") == 0
+    assert load_bundle(out).meta.training["config"]["seed"] == 3
+    assert not list(tmp_path.glob(".bundle*"))  # no leftover partial or old copies
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "data.txt").write_text("keep me")
+    assert _quick_train(synth_train, precious) == 2
+    assert (precious / "data.txt").read_text() == "keep me"
+
+
+def test_too_few_files_is_a_clear_error(
+    synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for p in list_audio_files(synth_train)[:2]:
+        shutil.copy(p, folder)
+    assert _quick_train(folder, tmp_path / "b") == 2
+    assert "need at least 3 usable files" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("preset", "message"),
+    [
+        ("epochs = 5\nlearning_rte = 0.1\n", "unknown keys learning_rte"),
+        ("epochs = 'many'\n", "epochs = 'many' is not a valid int"),
+        ("epochs = 2.5\n", "epochs = 2.5 is not a valid int"),
+        ("n_frames = 60\n", "n_frames must be a positive multiple of 8"),
+        ("epochs = [\n", "cannot read training preset"),
+    ],
+)
+def test_bad_presets_are_refused_before_any_work(
+    synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, preset: str, message: str
+) -> None:
+    path = tmp_path / "preset.toml"
+    path.write_text(preset)
+    assert (
+        train.main(["--normal", str(synth_train), "--out", str(tmp_path / "b"), "--preset", str(path)]) == 2
+    )
+    assert message in caplog.text
+    assert not (tmp_path / "b").exists()

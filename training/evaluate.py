@@ -1,0 +1,172 @@
+"""Evaluate a bundle on labelled recordings: AUC, pAUC, and the operating point at its threshold.
+
+    python -m training.evaluate --bundle B --normal DIR --anomaly DIR [--json OUT] [--csv OUT] [--plots DIR]
+
+pAUC is the area under the ROC curve up to a false-positive rate of 0.1, McClish-standardised, exactly as
+the DCASE 2020-2024 Task 2 evaluators compute it (`sklearn.metrics.roc_auc_score(..., max_fpr=0.1)`).
+TPR and FPR are the shares of anomalous and normal files whose score exceeds the bundle's threshold.
+Files that cannot be scored are skipped with a warning and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from anomalyd.audio import list_audio_files
+from anomalyd.bundle import Bundle, load_bundle
+from anomalyd.errors import AnomalydError, AudioError
+from anomalyd.scoring import ClipScorer
+
+logger = logging.getLogger("training.evaluate")
+
+MAX_FPR = 0.1  # DCASE Task 2 pAUC range
+
+
+@dataclass(frozen=True)
+class FileScore:
+    path: Path
+    label: int  # 0 normal, 1 anomaly
+    score: float
+
+
+@dataclass(frozen=True)
+class Metrics:
+    auc: float
+    pauc: float
+    tpr: float
+    fpr: float
+    threshold: float
+    n_normal: int
+    n_anomaly: int
+    n_skipped: int
+    model_id: str
+
+
+def score_folder(scorer: ClipScorer, folder: Path, label: int) -> tuple[list[FileScore], int]:
+    scores, skipped = [], 0
+    for path in list_audio_files(folder):
+        try:
+            scores.append(FileScore(path, label, scorer.score_file(path).score))
+        except AudioError as exc:
+            logger.warning("skipping %s", exc)
+            skipped += 1
+    return scores, skipped
+
+
+def compute_metrics(scores: list[FileScore], threshold: float, n_skipped: int, model_id: str) -> Metrics:
+    labels = np.array([s.label for s in scores])
+    values = np.array([s.score for s in scores])
+    n_anomaly, n_normal = int(labels.sum()), int((labels == 0).sum())
+    if n_anomaly == 0 or n_normal == 0:
+        raise AnomalydError(f"need scored normal and anomalous files, got {n_normal} and {n_anomaly}")
+    above = values > threshold
+    return Metrics(
+        auc=float(roc_auc_score(labels, values)),
+        pauc=float(roc_auc_score(labels, values, max_fpr=MAX_FPR)),
+        tpr=float(above[labels == 1].mean()),
+        fpr=float(above[labels == 0].mean()),
+        threshold=threshold,
+        n_normal=n_normal,
+        n_anomaly=n_anomaly,
+        n_skipped=n_skipped,
+        model_id=model_id,
+    )
+
+
+def write_csv(scores: list[FileScore], threshold: float, path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "label", "score", "threshold", "verdict"])
+        for s in scores:
+            verdict = "anomaly" if s.score > threshold else "normal"
+            label = "anomaly" if s.label else "normal"
+            writer.writerow([str(s.path), label, f"{s.score:.6f}", f"{threshold:.6f}", verdict])
+
+
+def write_plots(scores: list[FileScore], metrics: Metrics, folder: Path) -> None:
+    import matplotlib  # noqa: PLC0415 - plotting is optional and slow to import
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.array([s.label for s in scores])
+    values: npt.NDArray[np.float64] = np.array([s.score for s in scores])
+
+    fpr, tpr, _ = roc_curve(labels, values)
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot(fpr, tpr, label=f"AUC {metrics.auc:.3f}, pAUC {metrics.pauc:.3f}")
+    ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
+    ax.axvline(MAX_FPR, linestyle="--", color="grey", linewidth=0.8, label=f"pAUC range (FPR <= {MAX_FPR})")
+    ax.scatter([metrics.fpr], [metrics.tpr], color="red", zorder=3, label="bundle threshold")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {metrics.model_id}")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(folder / "roc.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bins = np.linspace(values.min(), values.max(), 40).tolist()
+    ax.hist(values[labels == 0], bins=bins, alpha=0.6, label=f"normal ({metrics.n_normal})")
+    ax.hist(values[labels == 1], bins=bins, alpha=0.6, label=f"anomaly ({metrics.n_anomaly})")
+    ax.axvline(metrics.threshold, color="red", linestyle="--", label=f"threshold {metrics.threshold:.4f}")
+    ax.set(xlabel="clip score (mean window reconstruction error)", ylabel="files", title="score histogram")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(folder / "histogram.png", dpi=100)
+    plt.close(fig)
+
+
+def evaluate(bundle: Bundle, normal: Path, anomaly: Path) -> tuple[list[FileScore], Metrics]:
+    scorer = ClipScorer.from_bundle(bundle)
+    normal_scores, skipped_n = score_folder(scorer, normal, 0)
+    anomaly_scores, skipped_a = score_folder(scorer, anomaly, 1)
+    scores = normal_scores + anomaly_scores
+    metrics = compute_metrics(
+        scores, bundle.meta.threshold.value, skipped_n + skipped_a, bundle.meta.model_id
+    )
+    return scores, metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
+    parser.add_argument("--normal", type=Path, required=True, help="folder of normal recordings")
+    parser.add_argument("--anomaly", type=Path, required=True, help="folder of anomalous recordings")
+    parser.add_argument("--json", type=Path, help="write the metrics as JSON here")
+    parser.add_argument("--csv", type=Path, help="write per-file scores as CSV here")
+    parser.add_argument("--plots", type=Path, help="folder for roc.png, histogram.png and scores.csv")
+    args = parser.parse_args(argv)
+    try:
+        scores, metrics = evaluate(load_bundle(args.bundle), args.normal, args.anomaly)
+    except AnomalydError as exc:
+        logger.error("%s", exc)
+        return 2
+    print(f"model      {metrics.model_id}")
+    print(f"files      {metrics.n_normal} normal, {metrics.n_anomaly} anomalous, {metrics.n_skipped} skipped")
+    print(f"AUC        {metrics.auc:.4f}")
+    print(f"pAUC       {metrics.pauc:.4f}  (max FPR {MAX_FPR})")
+    print(f"threshold  {metrics.threshold:.5f}: TPR {metrics.tpr:.3f}, FPR {metrics.fpr:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(asdict(metrics), indent=2) + "\n")
+    if args.csv:
+        write_csv(scores, metrics.threshold, args.csv)
+    if args.plots:
+        write_plots(scores, metrics, args.plots)
+        write_csv(scores, metrics.threshold, args.plots / "scores.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""Export a trained autoencoder as a model bundle (see anomalyd/bundle.py for the layout).
+
+The bundle is built in a hidden sibling folder and moved into place only when complete and verified, so
+an interrupted export never leaves a half-written bundle where the daemon would load it. The threshold is
+fitted with the exported ONNX model through anomalyd's own scoring path: the numbers the daemon compares
+against are computed exactly as the daemon computes scores.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import platform
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import onnx
+import onnxruntime
+import torch
+from safetensors.torch import save_file
+
+import anomalyd
+from anomalyd.bundle import (
+    FILTERBANK_FILE,
+    META_FILE,
+    MODEL_FILE,
+    WEIGHTS_FILE,
+    Bundle,
+    BundleMeta,
+    ScoreStats,
+    Threshold,
+    load_bundle,
+    sha256_file,
+    write_meta,
+)
+from anomalyd.errors import BundleError
+from anomalyd.features import LogMel
+from anomalyd.inference import Autoencoder
+from anomalyd.scoring import ClipScorer
+from anomalyd.windows import Normalisation, WindowGeometry
+from training.dataset import Clip
+from training.model import Architecture, ConvAutoencoder
+
+logger = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # max |onnxruntime - torch| on the same windows
+ONNX_OPSET = 17
+
+
+@dataclass(frozen=True)
+class ExportInputs:
+    out: Path
+    name: str
+    model: ConvAutoencoder
+    arch: Architecture
+    logmel: LogMel
+    geometry: WindowGeometry
+    normalisation: Normalisation
+    val_clips: list[Clip]  # held-out normal clips the threshold is fitted on
+    parity_windows: npt.NDArray[np.float32]  # (n, n_mels, n_frames) normalised windows
+    k: float
+    training: dict[str, Any]
+
+
+def export_onnx(model: ConvAutoencoder, n_mels: int, n_frames: int, path: Path) -> None:
+    model.eval()
+    example = torch.zeros(1, 1, n_mels, n_frames)
+    # The TorchScript-based exporter writes one self-contained file (the dynamo one adds a side .data file)
+    # and needs no onnxscript; its deprecation notice is expected.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["windows"],
+            output_names=["reconstruction"],
+            dynamic_axes={"windows": {0: "batch"}, "reconstruction": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
+    onnx.checker.check_model(str(path))
+
+
+def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
+    """Max abs difference between torch and ONNX Runtime reconstructions; raises above the tolerance."""
+    with torch.no_grad():
+        expected = model(torch.from_numpy(np.ascontiguousarray(windows))[:, None])[:, 0].numpy()
+    diff = float(np.max(np.abs(runtime.reconstruct(windows) - expected)))
+    if not diff <= PARITY_TOLERANCE:
+        raise BundleError(f"ONNX export differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
+    return diff
+
+
+def fit_threshold(scorer: ClipScorer, val_clips: list[Clip], k: float) -> Threshold:
+    scores = [scorer.score_logmel(c.logmel) for c in val_clips]
+    clip_scores = np.array([s.score for s in scores], dtype=np.float64)
+    window_errors = np.concatenate([s.window_errors for s in scores]).astype(np.float64)
+    return Threshold(
+        clip_scores=ScoreStats(float(clip_scores.mean()), float(clip_scores.std(ddof=1)), len(clip_scores)),
+        window_scores=ScoreStats(
+            float(window_errors.mean()), float(window_errors.std(ddof=1)), len(window_errors)
+        ),
+        k=k,
+    )
+
+
+def versions() -> dict[str, str]:
+    import librosa  # noqa: PLC0415 - only for its version string
+
+    return {
+        "anomalyd": anomalyd.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "onnx": str(getattr(onnx, "__version__", "unknown")),
+        "onnxruntime": onnxruntime.__version__,
+        "librosa": str(getattr(librosa, "__version__", "unknown")),
+    }
+
+
+def _move_into_place(built: Path, out: Path) -> None:
+    """Replace `out` with `built`; an existing `out` must be a bundle, anything else is left alone."""
+    if out.exists():
+        if not (out / META_FILE).is_file():
+            raise BundleError(f"{out}: exists and is not a model bundle; refusing to overwrite it")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        built.rename(out)
+        shutil.rmtree(old)
+    else:
+        built.rename(out)
+
+
+def export_bundle(inp: ExportInputs) -> Bundle:
+    params = inp.logmel.params
+    inp.out.parent.mkdir(parents=True, exist_ok=True)
+    built = inp.out.with_name(f".{inp.out.name}.partial")
+    shutil.rmtree(built, ignore_errors=True)
+    built.mkdir()
+
+    export_onnx(inp.model, params.n_mels, inp.geometry.n_frames, built / MODEL_FILE)
+    save_file(
+        {k: v.contiguous() for k, v in inp.model.state_dict().items()},
+        str(built / WEIGHTS_FILE),
+        metadata={"architecture": str(inp.arch.to_dict())},
+    )
+    np.save(built / FILTERBANK_FILE, inp.logmel.filterbank, allow_pickle=False)
+
+    runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.n_frames)
+    max_diff = check_parity(inp.model, runtime, inp.parity_windows)
+    scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime)
+    threshold = fit_threshold(scorer, inp.val_clips, inp.k)
+
+    files = {name: sha256_file(built / name) for name in (MODEL_FILE, FILTERBANK_FILE, WEIGHTS_FILE)}
+    meta = BundleMeta(
+        model_id=f"{inp.name}-{files[MODEL_FILE][:12]}",
+        created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        features=params,
+        window=inp.geometry,
+        normalisation=inp.normalisation,
+        threshold=threshold,
+        files=files,
+        architecture=inp.arch.to_dict(),
+        training=inp.training,
+        export={
+            "onnx_opset": ONNX_OPSET,
+            "parity_max_abs_diff": max_diff,
+            "parity_windows": len(inp.parity_windows),
+        },
+        versions=versions(),
+    )
+    write_meta(built, meta)
+    load_bundle(built)  # the same checks the daemon makes, before anything replaces a working bundle
+    _move_into_place(built, inp.out)
+    return load_bundle(inp.out)

@@ -1,0 +1,299 @@
+"""Train a model bundle from recordings of one machine running normally.
+
+    python -m training.train --normal DIR --out BUNDLE_DIR [--preset configs/train-default.toml] [--seed 1]
+
+Reads top to bottom: load and fingerprint the audio (bad files are skipped and counted), split by file,
+fit the normalisation on the training files, train the autoencoder with early stopping on validation loss,
+then export the bundle, whose threshold is mean + k * std of the validation clips' scores as the exported
+ONNX model computes them. The defaults below can be overridden by a TOML preset, then by options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from anomalyd.audio import list_audio_files
+from anomalyd.errors import AnomalydError, ConfigError
+from anomalyd.features import FeatureParams, LogMel
+from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
+from training.dataset import Clip, fingerprint, load_clips, make_filterbank, split_clips
+from training.export import ExportInputs, export_bundle
+from training.model import Architecture, ConvAutoencoder
+
+logger = logging.getLogger("training.train")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # data
+    channel: int = 0  # channel to read from multi-channel recordings
+    val_fraction: float = 0.2  # share of files held out for early stopping and the threshold
+    # windows (see anomalyd/windows.py for why these sizes)
+    n_frames: int = 64  # log-mel frames per window, 2.05 s
+    hop_frames: int = 16  # frames between windows when scoring; stored in the bundle
+    train_hop_frames: int = 8  # denser windows for training: more examples from little audio
+    pool_frames: int = 16  # frames averaged in the residual before squaring; stored in the bundle
+    # model (see training/model.py)
+    channels: tuple[int, int, int] = (32, 64, 8)  # encoder channels per stride-2 stage
+    kernel_size: int = 5
+    # optimisation
+    epochs: int = 100  # upper bound; early stopping usually ends sooner
+    patience: int = 10  # epochs without a better validation loss before stopping
+    batch_size: int = 32  # windows per step
+    learning_rate: float = 1e-3  # Adam
+    # decision rule
+    k: float = 3.0  # threshold = mean + k * std of validation clip scores
+    # run
+    seed: int = 0  # seeds the split, the initial weights and the batch order
+    threads: int = 2  # torch CPU threads
+    name: str = ""  # model name, the first part of the model id; default: the --normal folder's name
+
+    def problems(self) -> list[str]:
+        found = []
+        if not 0 < self.val_fraction < 1:
+            found.append(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if self.n_frames % 8 or self.n_frames <= 0:
+            found.append(f"n_frames must be a positive multiple of 8, got {self.n_frames}")
+        if self.pool_frames <= 0 or self.n_frames % self.pool_frames:
+            found.append(f"pool_frames must divide n_frames ({self.n_frames}), got {self.pool_frames}")
+        for key in ("hop_frames", "train_hop_frames", "epochs", "patience", "batch_size", "threads"):
+            if getattr(self, key) <= 0:
+                found.append(f"{key} must be positive, got {getattr(self, key)}")
+        if len(self.channels) != 3 or min(self.channels) <= 0:
+            found.append(f"channels must be three positive integers, got {list(self.channels)}")
+        if self.kernel_size % 2 == 0 or self.kernel_size <= 0:
+            found.append(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        if self.learning_rate <= 0 or self.k <= 0:
+            found.append(f"learning_rate and k must be positive, got {self.learning_rate}, {self.k}")
+        return found
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Turn a preset or option value into the type of TrainConfig's field `key`."""
+    default = getattr(TrainConfig(), key)
+    try:
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else value
+            return tuple(int(v) for v in items)
+        if isinstance(value, bool) or (isinstance(value, float) and isinstance(default, int)):
+            raise TypeError  # int(True) and int(2.5) would be silently wrong
+        return type(default)(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {key} = {value!r} is not a valid {type(default).__name__}") from exc
+
+
+def load_preset(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read training preset ({exc})") from exc
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    return {key: _coerce(key, value, str(path)) for key, value in data.items()}
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--normal", type=Path, required=True, help="folder of normal recordings (WAV/FLAC)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)"
+    )
+    parser.add_argument("--preset", type=Path, help="TOML file overriding the defaults")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE")
+    args = parser.parse_args(argv)
+    values = load_preset(args.preset) if args.preset else {}
+    for f in dataclasses.fields(TrainConfig):
+        option = getattr(args, f.name)
+        if option is not None:
+            values[f.name] = _coerce(f.name, option, f"--{f.name.replace('_', '-')}")
+    config = TrainConfig(**values)
+    problems = config.problems()
+    if problems:
+        raise ConfigError("invalid training settings: " + "; ".join(problems))
+    return args, config
+
+
+def windows_of(
+    clips: list[Clip], n_frames: int, hop_frames: int, norm: Normalisation
+) -> npt.NDArray[np.float32]:
+    """All normalised windows of the clips, stacked: (n, n_mels, n_frames)."""
+    return np.concatenate([norm.apply(slice_windows(c.logmel, n_frames, hop_frames)) for c in clips])
+
+
+@dataclass(frozen=True)
+class FitResult:
+    epochs_run: int
+    best_epoch: int
+    best_val_loss: float
+    history: list[tuple[float, float]]  # (train loss, validation loss) per epoch
+
+
+def _mean_loss(model: ConvAutoencoder, x: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    with torch.no_grad():
+        total = 0.0
+        for start in range(0, len(x), batch_size):
+            batch = x[start : start + batch_size]
+            total += torch.nn.functional.mse_loss(model(batch), batch, reduction="sum").item()
+    return total / x.numel()
+
+
+def fit(
+    model: ConvAutoencoder, x_train: torch.Tensor, x_val: torch.Tensor, config: TrainConfig, quiet: bool
+) -> FitResult:
+    """Adam on mean squared reconstruction error; keeps the weights of the best validation epoch."""
+    optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+    order = torch.Generator().manual_seed(config.seed)
+    best_loss, best_epoch, waited = float("inf"), 0, 0
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[tuple[float, float]] = []
+    bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=quiet, leave=False)
+    for epoch in bar:
+        model.train()
+        train_total = 0.0
+        permutation = torch.randperm(len(x_train), generator=order)
+        for start in range(0, len(x_train), config.batch_size):
+            idx = permutation[start : start + config.batch_size]
+            batch = x_train[idx]
+            loss = torch.nn.functional.mse_loss(model(batch), batch)
+            optimiser.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimiser.step()
+            train_total += loss.item() * len(idx)
+        val_loss = _mean_loss(model, x_val, config.batch_size)
+        history.append((train_total / len(x_train), val_loss))
+        bar.set_postfix(train=f"{history[-1][0]:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
+        if val_loss < best_loss:
+            best_loss, best_epoch, waited = val_loss, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            waited += 1
+            if waited >= config.patience:
+                break
+    model.load_state_dict(best_state)
+    return FitResult(len(history), best_epoch, best_loss, history)
+
+
+def train(args: argparse.Namespace, config: TrainConfig) -> Path:
+    started = time.monotonic()
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    torch.use_deterministic_algorithms(True)
+
+    params = FeatureParams()
+    filterbank = make_filterbank(params)
+    logmel = LogMel(params, filterbank)
+    geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
+    min_samples = params.n_fft + (config.n_frames - 1) * params.hop_length
+
+    paths = list_audio_files(args.normal)
+    clips, skipped = load_clips(paths, logmel, min_samples, config.channel)
+    logger.info("%d files in %s: %d usable, %d skipped", len(paths), args.normal, len(clips), len(skipped))
+    if skipped:
+        logger.warning("skipped %d of %d files (reasons above)", len(skipped), len(paths))
+    train_clips, val_clips = split_clips(clips, config.val_fraction, config.seed)
+    if len(val_clips) < 5:
+        logger.warning(
+            "only %d validation clips: the threshold's std is a rough estimate; record more normal audio",
+            len(val_clips),
+        )
+
+    norm = Normalisation.fit([c.logmel for c in train_clips])
+    x_train = torch.from_numpy(windows_of(train_clips, config.n_frames, config.train_hop_frames, norm))[
+        :, None
+    ]
+    x_val = torch.from_numpy(windows_of(val_clips, config.n_frames, config.train_hop_frames, norm))[:, None]
+    logger.info(
+        "training on %d windows from %d files, validating on %d windows from %d files",
+        len(x_train),
+        len(train_clips),
+        len(x_val),
+        len(val_clips),
+    )
+
+    arch = Architecture(channels=config.channels, kernel_size=config.kernel_size)
+    model = ConvAutoencoder(arch)
+    result = fit(model, x_train, x_val, config, args.quiet)
+    logger.info(
+        "stopped after %d epochs; best validation loss %.5f at epoch %d",
+        result.epochs_run,
+        result.best_val_loss,
+        result.best_epoch,
+    )
+
+    training_info = {
+        "config": {**dataclasses.asdict(config), "channels": list(config.channels)},
+        "normal_dir": str(args.normal),
+        "fingerprint": fingerprint(clips),
+        "train_files": [{"name": c.path.name, "sha256": c.sha256} for c in train_clips],
+        "val_files": [{"name": c.path.name, "sha256": c.sha256} for c in val_clips],
+        "skipped_files": [{"name": s.path.name, "reason": s.reason} for s in skipped],
+        "epochs_run": result.epochs_run,
+        "best_epoch": result.best_epoch,
+        "best_val_loss": result.best_val_loss,
+        "train_windows": len(x_train),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    bundle = export_bundle(
+        ExportInputs(
+            out=args.out,
+            name=config.name or args.normal.resolve().name,
+            model=model,
+            arch=arch,
+            logmel=logmel,
+            geometry=geometry,
+            normalisation=norm,
+            val_clips=val_clips,
+            parity_windows=x_val[:64, 0].numpy(),
+            k=config.k,
+            training=training_info,
+        )
+    )
+    t = bundle.meta.threshold
+    logger.info(
+        "wrote %s (model %s): threshold %.5f = %.5f + %.1f x %.5f over %d validation clips, in %.0f s",
+        bundle.path,
+        bundle.meta.model_id,
+        t.value,
+        t.clip_scores.mean,
+        t.k,
+        t.clip_scores.std,
+        t.clip_scores.n,
+        time.monotonic() - started,
+    )
+    return bundle.path
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args, config = parse_args(argv)
+        if args.quiet:
+            logging.getLogger().setLevel(logging.WARNING)
+        train(args, config)
+    except (AnomalydError, ValueError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
