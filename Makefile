@@ -36,7 +36,7 @@ demo: $(STAMP)
 	$(BIN)/python -m training.train --normal $(DEMO)/train/normal --out $(DEMO)/bundle \
 	    --preset configs/train-small.toml --name demo-machine
 	@echo; echo "== scoring 4 normal and 6 faulty clips the model has never heard =="
-	# Exit status 1 means "some file is anomalous", which is what this demo expects to see.
+	@# Exit status 1 means "some file is anomalous", which is what this demo expects to see.
 	$(BIN)/anomalyd score --bundle $(DEMO)/bundle $(DEMO)/test/normal/*.wav $(DEMO)/test/anomaly/*.wav \
 	    || [ $$? -eq 1 ]
 

@@ -165,7 +165,13 @@ def fit(
     best_loss, best_epoch, waited = float("inf"), 0, 0
     best_state = copy.deepcopy(model.state_dict())
     history: list[tuple[float, float]] = []
-    bar = tqdm(range(1, config.epochs + 1), desc="training", unit="epoch", disable=quiet, leave=False)
+    bar = tqdm(
+        range(1, config.epochs + 1),
+        desc="training",
+        unit="epoch",
+        disable=True if quiet else None,
+        leave=False,
+    )
     for epoch in bar:
         model.train()
         train_total = 0.0
