@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -29,7 +30,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     scorer = ClipScorer.from_bundle(bundle, threads=args.threads)
     threshold = bundle.meta.threshold
     if args.k is not None:
-        threshold = type(threshold)(threshold.clip_scores, threshold.window_scores, args.k)
+        threshold = dataclasses.replace(threshold, k=args.k)
     status = EXIT_NORMAL
     for path in args.files:
         try:

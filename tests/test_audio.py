@@ -97,6 +97,14 @@ def test_bad_files_give_one_clear_line_naming_the_file(tmp_path: Path, content, 
     assert "\n" not in str(info.value)
 
 
+def test_truncated_flac(tmp_path: Path) -> None:
+    sf.write(tmp_path / "whole.flac", np.random.default_rng(0).normal(0, 0.1, 48_000), RATE, subtype="PCM_16")
+    data = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match=r"cut\.flac: not a readable audio file \(.*lost sync"):
+        load_audio(tmp_path / "cut.flac", RATE)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(AudioError, match="no such file"):
         load_audio(tmp_path / "nope.wav", RATE)
