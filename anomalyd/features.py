@@ -74,6 +74,10 @@ class FeatureParams:
             return 0
         return 1 + (n_samples - self.n_fft) // self.hop_length
 
+    def n_samples(self, n_frames: int) -> int:
+        """Fewest samples that hold `n_frames` whole frames."""
+        return self.n_fft + (n_frames - 1) * self.hop_length
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -61,8 +61,7 @@ class ClipScorer:
     @property
     def min_samples(self) -> int:
         """Shortest audio, in samples at the model rate, that holds one whole window."""
-        p = self.logmel.params
-        return p.n_fft + (self.geometry.n_frames - 1) * p.hop_length
+        return self.logmel.params.n_samples(self.geometry.n_frames)
 
     def score_logmel(self, logmel: npt.NDArray[np.float32]) -> ClipScore:
         """Score a (n_mels, n_frames) log-mel of at least one window."""

@@ -53,6 +53,8 @@ def test_frame_count() -> None:
     assert p.n_frames(1024 + 511) == 1
     assert p.n_frames(1024 + 512) == 2
     assert p.n_frames(160_000) == 311
+    assert p.n_frames(p.n_samples(64)) == 64
+    assert p.n_frames(p.n_samples(64) - 1) == 63
 
 
 def test_short_audio_gives_no_frames(logmel: LogMel) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         _, metrics = evaluate.evaluate(load_bundle(bundle_dir), test_dir, args.data / "anomaly")
         seconds = load_bundle(bundle_dir).meta.training["seconds"]
-        results.append({"seed": seed, "train_seconds": seconds, **metrics.__dict__})
+        results.append({"seed": seed, "train_seconds": seconds, **asdict(metrics)})
         print(f"seed {seed}: AUC {metrics.auc:.4f} pAUC {metrics.pauc:.4f} TPR {metrics.tpr:.2f} "
               f"FPR {metrics.fpr:.2f} (trained in {seconds:.0f} s)", flush=True)  # fmt: skip
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

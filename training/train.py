@@ -208,7 +208,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     filterbank = make_filterbank(params)
     logmel = LogMel(params, filterbank)
     geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
-    min_samples = params.n_fft + (config.n_frames - 1) * params.hop_length
+    min_samples = params.n_samples(config.n_frames)
 
     paths = list_audio_files(args.normal)
     clips, skipped = load_clips(paths, logmel, min_samples, config.channel)
