@@ -57,24 +57,37 @@ def _check_not_truncated(path: Path) -> None:
         )
 
 
+def check_readable(path: Path, channel: int = 0) -> sf._SoundFileInfo:
+    """Header checks without decoding: exists, is audio, not truncated, has samples and the channel."""
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    try:
+        _check_not_truncated(path)
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as exc:
+        raise AudioError(f"{path}: not a readable audio file ({exc})") from exc
+    if info.frames == 0:
+        raise AudioError(f"{path}: holds no audio samples")
+    if not 0 <= channel < info.channels:
+        raise AudioError(
+            f"{path}: channel {channel} requested, file has {info.channels} (0..{info.channels - 1})"
+        )
+    return info
+
+
 def read_audio(path: str | Path, channel: int = 0) -> tuple[npt.NDArray[np.float32], int]:
     """Read one channel of an audio file as float32 samples at the file's own rate.
 
     Returns (samples, sample_rate) with samples of shape (n_samples,).
     """
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(f"{path}: no such file")
+    check_readable(path, channel)
     try:
-        _check_not_truncated(path)
         data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as exc:
+    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
         raise AudioError(f"{path}: not a readable audio file ({exc})") from exc
-    n_samples, n_channels = data.shape
-    if n_samples == 0:
+    if len(data) == 0:
         raise AudioError(f"{path}: holds no audio samples")
-    if not 0 <= channel < n_channels:
-        raise AudioError(f"{path}: channel {channel} requested, file has {n_channels} (0..{n_channels - 1})")
     samples = np.ascontiguousarray(data[:, channel])
     if not np.all(np.isfinite(samples)):
         raise AudioError(f"{path}: holds NaN or infinite samples")

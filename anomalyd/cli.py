@@ -10,6 +10,7 @@ from pathlib import Path
 
 from anomalyd import __version__
 from anomalyd.bundle import load_bundle
+from anomalyd.config import DEFAULT_CONFIG, load_config
 from anomalyd.errors import AnomalydError
 from anomalyd.scoring import ClipScorer, is_anomalous
 
@@ -47,6 +48,44 @@ def cmd_score(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from anomalyd.service import Daemon  # noqa: PLC0415 - keeps `anomalyd score` light
+
+    return Daemon(args.config).run()
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Validate the config and load every bundle it names; 0 when the daemon would start, else 1."""
+    try:
+        config = load_config(args.file)
+        for bundle in sorted({s.bundle for s in config.streams}):
+            load_bundle(bundle)
+    except AnomalydError as exc:
+        print(f"anomalyd: error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{args.file}: ok ({len(config.streams)} stream(s), events in {config.storage.database})")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from anomalyd.sources.mic import input_devices  # noqa: PLC0415 - needs PortAudio
+
+    devices = input_devices()
+    if not devices:
+        print("no input devices found", file=sys.stderr)
+        return 1
+    print(f"{'index':>5}  {'channels':>8}  {'rate':>6}  {'host API':<12}  name")
+    for d in devices:
+        print(f"{d.index:>5}  {d.channels:>8}  {d.default_rate:>6}  {d.host_api:<12}  {d.name}")
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from anomalyd.eventlog import show_events  # noqa: PLC0415
+
+    return show_events(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd",
@@ -68,6 +107,46 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
     score.add_argument("files", type=Path, nargs="+", metavar="FILE", help="WAV or FLAC files")
     score.set_defaults(func=cmd_score)
+
+    run = commands.add_parser(
+        "run",
+        help="run the monitoring service",
+        description="Listen to the configured streams, score them and log anomaly events until stopped "
+        "(SIGTERM/SIGINT); SIGHUP reloads the config.",
+    )
+    run.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+    run.set_defaults(func=cmd_run)
+
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file and the bundles it names",
+        description="Exit status 0 when the daemon would start with this config, 1 otherwise.",
+    )
+    check.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG, metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    devices = commands.add_parser(
+        "devices", help="list audio input devices", description="List the input devices PortAudio sees."
+    )
+    devices.set_defaults(func=cmd_devices)
+
+    events = commands.add_parser(
+        "events",
+        help="show logged anomaly events",
+        description="Show anomaly events from the event log, oldest first.",
+    )
+    where = events.add_mutually_exclusive_group()
+    where.add_argument(
+        "--config", type=Path, help=f"take the database from this config (default {DEFAULT_CONFIG})"
+    )
+    where.add_argument("--database", type=Path, help="event database file")
+    events.add_argument("--since", help="only events since: an age (30m, 12h, 7d) or a UTC ISO 8601 time")
+    events.add_argument("--stream", help="only this stream")
+    events.add_argument("--follow", action="store_true", help="keep printing new and changed events")
+    events.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    events.set_defaults(func=cmd_events)
     return parser
 
 

@@ -1,0 +1,234 @@
+"""The daemon's configuration: one TOML file, validated once, into one typed tree.
+
+Unknown keys are refused (a misspelt key must not silently fall back to a default). Every error names
+the file, the key path (`streams[1].detector.n`), the bad value and what is allowed. Relative paths are
+taken relative to the config file's folder, so a config and its models can move together.
+Each component receives only its own section.
+"""
+
+from __future__ import annotations
+
+import socket
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from anomalyd.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/anomalyd/anomalyd.toml")
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # safe in file names and MQTT topics
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClipsConfig(_Section):
+    enabled: bool = Field(True, description="save a WAV clip of each anomaly")
+    directory: Path = Field(Path("clips"), description="folder for clips; relative to the config file")
+    pre_roll_seconds: float = Field(5.0, ge=0, le=60, description="audio kept from before the event start")
+    post_roll_seconds: float = Field(5.0, ge=0, le=60, description="audio kept after the event end")
+    max_seconds: float = Field(120.0, gt=0, le=3600, description="longest clip; a longer event is cut")
+    quota_mb: float = Field(1024.0, gt=0, description="total size of all clips; oldest deleted beyond it")
+    min_free_mb: float = Field(500.0, ge=0, description="no clip is written when the disk has less free")
+
+
+class StorageConfig(_Section):
+    database: Path = Field(Path("events.db"), description="SQLite event log; relative to the config file")
+    retention_days: float = Field(365.0, gt=0, description="events and status rows older than this go")
+    max_events: int = Field(100_000, gt=0, description="newest events kept; older ones go")
+    clips: ClipsConfig = ClipsConfig()
+
+
+class InferenceConfig(_Section):
+    max_batch: int = Field(64, ge=1, le=4096, description="windows per ONNX Runtime call, across streams")
+    threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per model")
+
+
+class HealthConfig(_Section):
+    silence_dbfs: float = Field(-70.0, le=0, description="RMS below this (dBFS) counts as silence")
+    silence_seconds: float = Field(10.0, gt=0, description="silence this long marks the source silent")
+    clipping_fraction: float = Field(0.01, gt=0, le=1, description="share of full-scale samples = clipping")
+    stall_seconds: float = Field(5.0, gt=0, description="no audio from a device this long = lost")
+    retry_initial_seconds: float = Field(1.0, gt=0, description="first wait before reopening a lost device")
+    retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between reopening attempts")
+
+
+class MicSource(_Section):
+    type: Literal["mic"]
+    device: str | int = Field(
+        description="input device: a case-insensitive substring of its name (see `anomalyd devices`), "
+        "or its index"
+    )
+    channel: int = Field(0, ge=0, le=255, description="channel of the device this stream listens to")
+    sample_rate: int = Field(0, ge=0, description="capture rate in Hz; 0 = the device's default")
+    block_seconds: float = Field(0.1, gt=0, le=2, description="audio per capture callback")
+
+
+class FileSource(_Section):
+    type: Literal["file"]
+    path: Path = Field(description="WAV or FLAC file to replay; relative to the config file")
+    channel: int = Field(0, ge=0, description="channel of the file")
+    realtime: bool = Field(
+        True, description="pace replay at the file's own speed; false = as fast as possible"
+    )
+    loop: bool = Field(False, description="start again at the end instead of ending the stream")
+    block_seconds: float = Field(0.1, gt=0, le=10, description="audio handed on at a time")
+
+
+Source = Annotated[MicSource | FileSource, Field(discriminator="type")]
+
+
+class DetectorConfig(_Section):
+    n: int = Field(3, ge=1, description="windows over the threshold, out of the last m, that open an event")
+    m: int = Field(5, ge=1, description="windows looked at for the n-of-m rule")
+    hold_off_windows: int = Field(
+        4, ge=1, description="consecutive windows under the threshold that close an open event"
+    )
+    cooldown_seconds: float = Field(
+        30.0, ge=0, description="after an event closes, no new one opens for this long"
+    )
+    update_seconds: float = Field(
+        10.0, gt=0, description="interval of update messages while an event is open"
+    )
+    k: float | None = Field(
+        None, gt=0, description="override the bundle's k in mean + k * std (window scores)"
+    )
+    threshold: float | None = Field(None, gt=0, description="absolute window-score threshold; overrides k")
+
+    @model_validator(mode="after")
+    def _n_within_m(self) -> DetectorConfig:
+        if self.n > self.m:
+            raise ValueError(f"n ({self.n}) must not exceed m ({self.m})")
+        return self
+
+
+class StreamConfig(_Section):
+    name: str = Field(pattern=NAME_PATTERN, description="stream id: letters, digits, '-' and '_'")
+    bundle: Path = Field(description="model bundle folder; relative to the config file")
+    source: Source
+    detector: DetectorConfig = DetectorConfig()
+
+
+class DaemonConfig(_Section):
+    node: str = Field("", description="this machine's id in events and topics; empty = the host name")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    storage: StorageConfig = StorageConfig()
+    inference: InferenceConfig = InferenceConfig()
+    health: HealthConfig = HealthConfig()
+    streams: list[StreamConfig] = Field(min_length=1, description="one entry per monitored machine")
+
+    @field_validator("streams")
+    @classmethod
+    def _unique_names(cls, streams: list[StreamConfig]) -> list[StreamConfig]:
+        names = [s.name for s in streams]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"stream names must be unique, repeated: {', '.join(repeated)}")
+        return streams
+
+    @property
+    def node_id(self) -> str:
+        return self.node or socket.gethostname()
+
+
+_SOURCE_TAGS: dict[str, type[BaseModel]] = {"mic": MicSource, "file": FileSource}
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """('streams', 0, 'source', 'mic', 'device') -> 'streams[0].source.device' (drops union tags)."""
+    path = ""
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _SOURCE_TAGS and i > 0 and loc[i - 1] == "source":
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or "(top level)"
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    """The config section class inside an annotation such as `list[StreamConfig]`, if there is one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        inner = _inner_model(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
+    """Keys allowed in the section holding the unknown key at `loc`."""
+    model: type[BaseModel] | None = DaemonConfig
+    for i, part in enumerate(loc[:-1]):
+        if isinstance(part, int) or model is None:
+            continue
+        if part in _SOURCE_TAGS and i > 0 and loc[i - 1] == "source":
+            model = _SOURCE_TAGS[part]
+            continue
+        field = model.model_fields.get(part)
+        model = _inner_model(field.annotation) if field is not None else None
+    return sorted(model.model_fields) if model is not None else []
+
+
+def format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        where = _key_path(loc)
+        if error["type"] == "extra_forbidden":
+            allowed = ", ".join(_allowed_keys(loc))
+            lines.append(f"{source}: {where}: unknown key; allowed here: {allowed}")
+            continue
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            lines.append(f"{source}: {where}: required key is missing")
+        else:
+            lines.append(f"{source}: {where} = {error['input']!r}: {message}")
+    return "\n".join(lines)
+
+
+def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
+    def absolute(path: Path) -> Path:
+        return path if path.is_absolute() else (base / path).resolve()
+
+    storage = config.storage.model_copy(
+        update={
+            "database": absolute(config.storage.database),
+            "clips": config.storage.clips.model_copy(
+                update={"directory": absolute(config.storage.clips.directory)}
+            ),
+        }
+    )
+    streams = []
+    for stream in config.streams:
+        source = stream.source
+        if isinstance(source, FileSource):
+            source = source.model_copy(update={"path": absolute(source.path)})
+        streams.append(stream.model_copy(update={"bundle": absolute(stream.bundle), "source": source}))
+    return config.model_copy(update={"storage": storage, "streams": streams})
+
+
+def parse_config(text: str, source: str, base: Path) -> DaemonConfig:
+    """Validate TOML text; `source` names it in errors, `base` anchors relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    try:
+        config = DaemonConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(source, exc)) from exc
+    return _resolve_paths(config, base)
+
+
+def load_config(path: Path) -> DaemonConfig:
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+    return parse_config(text, str(path), path.resolve().parent)

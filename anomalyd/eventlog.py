@@ -1,0 +1,122 @@
+"""`anomalyd events`: the event log as a table, CSV or JSON, optionally followed as it grows."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from anomalyd.config import DEFAULT_CONFIG, load_config
+from anomalyd.errors import AnomalydError
+from anomalyd.records import utc_now
+from anomalyd.store import EVENT_COLUMNS, read_events
+
+FOLLOW_POLL_S = 1.0
+TABLE = (  # (column, heading, width)
+    ("started_at", "started (UTC)", 23),
+    ("ended_at", "ended (UTC)", 23),
+    ("stream", "stream", 12),
+    ("state", "state", 6),
+    ("peak_score", "peak", 8),
+    ("mean_score", "mean", 8),
+    ("threshold", "threshold", 9),
+    ("windows_over", "over", 5),
+    ("end_reason", "reason", 12),
+    ("event_id", "event", 8),
+)
+_AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(text: str) -> dt.datetime:
+    """'30m', '12h', '7d' (ago), or an ISO 8601 time (UTC if it has no offset)."""
+    age = _AGE.match(text.strip())
+    if age:
+        return utc_now() - dt.timedelta(seconds=float(age[1]) * _UNIT_S[age[2]])
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise AnomalydError(
+            f"--since {text!r}: expected an age like 30m, 12h, 7d or an ISO 8601 time"
+        ) from exc
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _table_row(row: dict[str, Any]) -> str:
+    cells = []
+    for key, _, width in TABLE:
+        text = _cell(row[key]).replace("+00:00", "")
+        cells.append(text[:width].ljust(width))
+    return "  ".join(cells).rstrip()
+
+
+class _Printer:
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self._csv = csv.DictWriter(sys.stdout, fieldnames=list(EVENT_COLUMNS)) if fmt == "csv" else None
+        self._started = False
+
+    def rows(self, rows: list[dict[str, Any]], final: bool) -> None:
+        if self.fmt == "json" and final:
+            print(json.dumps(rows, indent=2))
+            return
+        if not self._started:
+            self._started = True
+            if self._csv is not None:
+                self._csv.writeheader()
+            elif self.fmt == "table":
+                print("  ".join(h.ljust(w) for _, h, w in TABLE).rstrip())
+        for row in rows:
+            if self.fmt == "json":
+                print(json.dumps(row))  # one object per line while following
+            elif self._csv is not None:
+                self._csv.writerow(row)
+            else:
+                print(_table_row(row))
+        sys.stdout.flush()
+
+
+def show_events(args: argparse.Namespace) -> int:
+    try:
+        database: Path = args.database or load_config(args.config or DEFAULT_CONFIG).storage.database
+        since = parse_since(args.since) if args.since else None
+        rows = read_events(database, since, args.stream)
+    except AnomalydError as exc:
+        print(f"anomalyd: error: {exc}", file=sys.stderr)
+        return 1
+    printer = _Printer(args.format)
+    printer.rows(rows, final=not args.follow)
+    if not args.follow:
+        return 0
+    seen = {(r["event_id"], r["updated_at"]) for r in rows}
+    last = max((r["updated_at"] for r in rows), default="")
+    try:
+        while True:
+            time.sleep(FOLLOW_POLL_S)
+            fresh = [
+                r
+                for r in read_events(database, since, args.stream, updated_after=last or None)
+                if (r["event_id"], r["updated_at"]) not in seen
+            ]
+            seen |= {(r["event_id"], r["updated_at"]) for r in fresh}
+            last = max([last, *(r["updated_at"] for r in fresh)])
+            printer.rows(fresh, final=False)
+    except KeyboardInterrupt:
+        return 0
+    except AnomalydError as exc:
+        print(f"anomalyd: error: {exc}", file=sys.stderr)
+        return 1

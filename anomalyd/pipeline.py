@@ -1,0 +1,310 @@
+"""The pipeline: sources -> one worker (features, batched ONNX Runtime, detectors) -> the store's writer.
+
+Capture callbacks and file readers only enqueue. The worker thread owns every stream's state; it takes
+what is queued, turns audio into windows, scores the windows of all streams in batches (one ONNX Runtime
+call per model per batch), runs each stream's detector, and hands events, status changes and clips to
+the store's writer thread. Reconfiguration swaps streams inside the worker, between two batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
+from anomalyd.errors import AnomalydError
+from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus
+from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
+from anomalyd.sources.file import FileReplay
+from anomalyd.sources.mic import DeviceCapture, Member, PortAudioHost, StreamFactory
+from anomalyd.stream import Model, Output, StreamRuntime
+from anomalyd.streaming import Window
+from anomalyd.windows import window_errors
+
+logger = logging.getLogger(__name__)
+
+QUEUE_BLOCKS = 2000  # audio blocks waiting for the worker (200 s of one stream at 0.1 s blocks)
+STOP_DRAIN_S = 1.0  # at shutdown, queued audio is still processed for at most this long
+
+
+class EventSink(Protocol):
+    def put(self, item: AnomalyEvent | SourceStatus | ClipJob) -> None: ...
+
+
+class Source(Protocol):
+    def start(self) -> None: ...
+    def stop(self, timeout: float = ...) -> None: ...
+
+
+@dataclass(frozen=True)
+class _Swap:
+    """Worker-thread instruction: end `remove` streams, then add `add` streams."""
+
+    remove: list[str]
+    add: list[StreamRuntime]
+    done: threading.Event
+
+
+@dataclass(frozen=True)
+class _Stop:
+    pass
+
+
+def source_key(stream: StreamConfig) -> str:
+    """Streams with equal keys share one source (a device opened once)."""
+    source = stream.source
+    if isinstance(source, MicSource):
+        return f"mic:{source.device!r}@{source.sample_rate}/{source.block_seconds}"
+    return f"file:{stream.name}"
+
+
+class Pipeline:
+    def __init__(self, sink: EventSink, stream_factory: StreamFactory | None = None) -> None:
+        self._sink = sink
+        self._queue: queue.Queue[SourceMessage | _Swap | _Stop] = queue.Queue(maxsize=QUEUE_BLOCKS)
+        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
+        self._runtimes: dict[str, StreamRuntime] = {}
+        self._sources: dict[str, Source] = {}
+        self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
+        self._host = PortAudioHost()
+        self._stream_factory = stream_factory
+        self._stopping = threading.Event()
+        self._pending: list[tuple[StreamRuntime, Window]] = []
+        self.config: DaemonConfig | None = None
+        self.heartbeat = time.monotonic()
+        self.windows_scored = 0
+        self.blocks_dropped = 0
+
+    # ---- building ----------------------------------------------------------------------------------
+
+    def _models(self, config: DaemonConfig) -> dict[Path, Model]:
+        """Load every bundle the config names (once each); raises on the first bad one."""
+        models: dict[Path, Model] = {}
+        for stream in config.streams:
+            if stream.bundle not in models:
+                try:
+                    models[stream.bundle] = Model.load(stream.bundle, config.inference.threads)
+                except AnomalydError as exc:
+                    raise AnomalydError(f"stream {stream.name}: {exc}") from exc
+        return models
+
+    def _runtime(self, stream: StreamConfig, model: Model, config: DaemonConfig) -> StreamRuntime:
+        return StreamRuntime(stream, model, config.node_id, config.health, config.storage.clips)
+
+    def _make_source(self, key: str, members: tuple[StreamConfig, ...], config: DaemonConfig) -> Source:
+        first = members[0].source
+        if isinstance(first, FileSource):
+            return FileReplay(members[0].name, first, config.health, self.put_blocking)
+        assert isinstance(first, MicSource)
+        extra = {} if self._stream_factory is None else {"stream_factory": self._stream_factory}
+        return DeviceCapture(
+            spec=first.device,
+            sample_rate=first.sample_rate,
+            block_seconds=first.block_seconds,
+            members=[Member(s.name, s.source.channel) for s in members],
+            health=config.health,
+            sink=self.put_nowait,
+            host=self._host,
+            **extra,  # type: ignore[arg-type]
+        )
+
+    @staticmethod
+    def _group(config: DaemonConfig) -> dict[str, tuple[StreamConfig, ...]]:
+        groups: dict[str, list[StreamConfig]] = defaultdict(list)
+        for stream in config.streams:
+            groups[source_key(stream)].append(stream)
+        return {key: tuple(members) for key, members in groups.items()}
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self, config: DaemonConfig) -> None:
+        """Load all bundles (fatal if any is bad), then start the worker and every source."""
+        models = self._models(config)
+        self.config = config
+        self._runtimes = {s.name: self._runtime(s, models[s.bundle], config) for s in config.streams}
+        self._thread.start()
+        for key, members in self._group(config).items():
+            self._start_source(key, members, config)
+
+    def _start_source(self, key: str, members: tuple[StreamConfig, ...], config: DaemonConfig) -> None:
+        source = self._make_source(key, members, config)
+        self._sources[key] = source
+        self._source_members[key] = members
+        source.start()
+
+    def reload(self, config: DaemonConfig) -> list[str]:
+        """Apply a new, already validated config; unchanged streams run on untouched. Returns what changed.
+
+        Raises AnomalydError (and changes nothing) when a bundle of the new config cannot be loaded.
+        """
+        assert self.config is not None
+        old = {s.name: s for s in self.config.streams}
+        models = self._models(config)  # before touching anything: a bad bundle refuses the whole reload
+        unchanged = {
+            s.name
+            for s in config.streams
+            if old.get(s.name) == s
+            and self._runtimes[s.name].model.bundle.meta.model_id == models[s.bundle].bundle.meta.model_id
+            and config.health == self.config.health
+            and config.storage.clips == self.config.storage.clips
+        }
+        new_groups = self._group(config)
+        changes = []
+        for key in list(self._sources):
+            if self._source_members[key] != new_groups.get(key):
+                self._sources.pop(key).stop()
+                self._source_members.pop(key)
+        remove = [name for name in self._runtimes if name not in unchanged]
+        add = [self._runtime(s, models[s.bundle], config) for s in config.streams if s.name not in unchanged]
+        changes += [f"stopped {n}" for n in remove if n not in {r.name for r in add}]
+        changes += [f"{'restarted' if r.name in old else 'added'} {r.name}" for r in add]
+        done = threading.Event()
+        self._queue.put(_Swap(remove, add, done))
+        done.wait(10.0)
+        for key, members in new_groups.items():
+            if key not in self._sources:
+                self._start_source(key, members, config)
+        self.config = config
+        return changes
+
+    def stop(self, timeout: float = 3.0) -> None:
+        """Stop sources, let the worker close open events, and wait for it."""
+        self._stopping.set()
+        deadline = time.monotonic() + timeout
+        for source in self._sources.values():
+            source.stop(max(0.1, deadline - time.monotonic()) / 2)
+        self._put_control(_Stop(), deadline)
+        self._thread.join(max(0.1, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            logger.error("worker did not stop within %.1f s", timeout)
+
+    def _put_control(self, item: _Stop, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # ---- input ---------------------------------------------------------------------------------------
+
+    def put_nowait(self, message: SourceMessage) -> None:
+        """For capture callbacks: never blocks; a full queue drops the block and counts it."""
+        try:
+            self._queue.put_nowait(message)
+        except queue.Full:
+            self.blocks_dropped += 1
+            if self.blocks_dropped in (1, 10, 100) or self.blocks_dropped % 1000 == 0:
+                logger.warning("worker cannot keep up: %d audio blocks dropped", self.blocks_dropped)
+
+    def put_blocking(self, message: SourceMessage) -> None:
+        """For file replay: waits while the worker is busy, so that fast replay loses nothing."""
+        while not self._stopping.is_set():
+            try:
+                self._queue.put(message, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    # ---- the worker thread ---------------------------------------------------------------------------
+
+    def streams(self) -> list[StreamRuntime]:
+        return list(self._runtimes.values())
+
+    def all_ended(self) -> bool:
+        """Whether every stream's source has reached its end (only replayed files do)."""
+        runtimes = self.streams()
+        return bool(runtimes) and all(r.health.state == SourceState.ENDED for r in runtimes)
+
+    def _run(self) -> None:
+        stop_deadline: float | None = None
+        while True:
+            self.heartbeat = time.monotonic()
+            try:
+                item = self._queue.get(timeout=0.25)
+            except queue.Empty:
+                if stop_deadline is not None:
+                    break
+                continue
+            if isinstance(item, _Stop):
+                stop_deadline = time.monotonic() + STOP_DRAIN_S
+                continue
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                break
+            self._handle(item)
+            # Score once every stream has about a window waiting (or nothing else is queued): batches
+            # span the streams, and no stream's audio runs more than a block ahead of its scores.
+            if self._queue.empty() or len(self._pending) >= min(self._max_batch(), len(self._runtimes)):
+                self._score_pending()
+        self._score_pending()
+        for runtime in self._runtimes.values():
+            self._emit(runtime.finish(reason="shutdown"))
+
+    def _max_batch(self) -> int:
+        return self.config.inference.max_batch if self.config else 64
+
+    def _handle(self, item: SourceMessage | _Swap) -> None:
+        if isinstance(item, _Swap):
+            self._score_pending()
+            for name in item.remove:
+                runtime = self._runtimes.pop(name, None)
+                if runtime is not None:
+                    self._emit(runtime.finish(reason="reconfigured"))
+            for runtime in item.add:
+                self._runtimes[runtime.name] = runtime
+            item.done.set()
+            return
+        runtime = self._runtimes.get(item.stream)
+        if runtime is None:
+            return  # audio still queued for a stream that was just removed
+        if isinstance(item, AudioBlock):
+            out = runtime.feed(item)
+            self._pending += [(runtime, w) for w in out.windows]
+            out.windows = []
+            self._emit(out)
+        elif isinstance(item, SourceNotice):
+            if item.state != SourceState.OK:
+                self._pending += [(runtime, w) for w in runtime.drain()]
+                self._score_pending()
+            self._emit(runtime.notice(item))
+
+    def _score_pending(self) -> None:
+        """Score all pending windows: one ONNX Runtime call per model per batch."""
+        pending, self._pending = self._pending, []
+        by_model: dict[int, list[tuple[StreamRuntime, Window]]] = defaultdict(list)
+        for runtime, window in pending:
+            by_model[id(runtime.model)].append((runtime, window))
+        batch = self._max_batch()
+        for items in by_model.values():
+            model = items[0][0].model
+            pool = model.bundle.meta.window.pool_frames
+            for start in range(0, len(items), batch):
+                chunk = items[start : start + batch]
+                values = np.stack([w.values for _, w in chunk])
+                scores = window_errors(values, model.autoencoder.reconstruct(values), pool)
+                for (runtime, window), score in zip(chunk, scores, strict=True):
+                    self._emit(runtime.scored(window, float(score)))
+                self.windows_scored += len(chunk)
+
+    def _emit(self, out: Output) -> None:
+        for event in out.events:
+            log = logger.warning if event.type == "start" else logger.info
+            log(
+                "stream %s: anomaly %s %s at %s (score %.4f, peak %.4f, threshold %.4f)",
+                event.stream, event.type, event.event_id[:8],
+                (event.ended_at or event.started_at).isoformat(timespec="milliseconds"),
+                event.score, event.peak_score, event.threshold,
+            )  # fmt: skip
+            self._sink.put(event)
+        for status in out.statuses:
+            self._sink.put(status)
+        for clip in out.clips:
+            self._sink.put(clip)

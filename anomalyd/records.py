@@ -1,0 +1,79 @@
+"""What the pipeline reports: anomaly event messages and source status changes (typed, immutable).
+
+They travel from the worker to the event store (and, through its outbox, to MQTT); their field names
+are those of the event log and of the published JSON.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def iso(t: dt.datetime | None) -> str | None:
+    """UTC ISO 8601 with offset and milliseconds, or None."""
+    return None if t is None else t.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+
+
+class SourceState(Enum):
+    OK = "ok"
+    SILENT = "silent"
+    CLIPPING = "clipping"
+    LOST = "lost"
+    ENDED = "ended"  # a replayed file reached its end
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    node: str
+    stream: str
+    state: SourceState
+    detail: str
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class AnomalyEvent:
+    """One message about an event: its `start`, a periodic `update`, or its `end`. Same event_id for all."""
+
+    event_id: str
+    type: str  # "start" | "update" | "end"
+    node: str
+    stream: str
+    started_at: dt.datetime
+    ended_at: dt.datetime | None  # None until the end
+    start_sample: int
+    end_sample: int
+    score: float  # the latest window's score
+    peak_score: float
+    mean_score: float
+    threshold: float
+    mean: float  # validation window scores' mean, from the bundle
+    std: float  # and their standard deviation
+    k: float | None  # None when an absolute threshold is set
+    model_id: str
+    windows: int
+    windows_over: int
+    reason: str  # for an end: recovered, shutdown, stream-ended, reconfigured
+    at: dt.datetime  # when this message was made
+
+
+@dataclass(frozen=True)
+class ClipJob:
+    """Audio of one event, with pre- and post-roll, for the store's writer to save."""
+
+    event_id: str
+    stream: str
+    started_at: dt.datetime
+    samples: npt.NDArray[np.float32]
+    sample_rate: int
+    directory: Path

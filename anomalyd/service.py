@@ -1,0 +1,159 @@
+"""`anomalyd run`: the long-running service and its lifecycle.
+
+Start in order (config, event store, bundles and worker, sources), stop in reverse. SIGTERM and SIGINT
+stop: sources first, then the worker closes open events, then the store writes what is queued and
+closes the database, all within a few seconds. SIGHUP reloads: the new config and its bundles are
+checked first; if anything is wrong, the old configuration keeps running and one log line says why.
+Under systemd: READY=1 once the streams run, STATUS= with a summary, WATCHDOG=1 only while both the
+worker and the store's writer are making progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from types import FrameType
+
+from anomalyd.config import DaemonConfig, load_config
+from anomalyd.errors import AnomalydError
+from anomalyd.notify import Notifier
+from anomalyd.pipeline import Pipeline
+from anomalyd.sources.mic import StreamFactory
+from anomalyd.store import StoreWriter
+
+logger = logging.getLogger(__name__)
+
+STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed
+STOP_TIMEOUT_S = 4.0  # the whole shutdown fits in systemd's and the ops team's 5 s
+
+
+def configure_logging(level: str) -> None:
+    # Under systemd the journal stamps each line itself.
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    logging.basicConfig(format=f"{stamp}%(levelname)s %(name)s: %(message)s", force=True)
+    logging.getLogger().setLevel(level.upper())
+
+
+class Daemon:
+    def __init__(self, config_path: Path, stream_factory: StreamFactory | None = None) -> None:
+        self.config_path = config_path
+        self._stream_factory = stream_factory
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wakeup = threading.Event()  # set by signal handlers so the main loop reacts at once
+        self._notifier = Notifier()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGHUP:
+            self._reload.set()
+        else:
+            self._stop.set()
+        self._wakeup.set()
+
+    def run(self) -> int:
+        try:
+            config = load_config(self.config_path)
+        except AnomalydError as exc:
+            logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+            logger.error("%s", exc)
+            return 1
+        configure_logging(config.log_level)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+        try:
+            store = StoreWriter(config.storage)
+        except AnomalydError as exc:
+            logger.error("%s", exc)
+            return 1
+        store.start()
+        pipeline = Pipeline(store, self._stream_factory)
+        try:
+            pipeline.start(config)
+        except AnomalydError as exc:
+            logger.error("cannot start: %s", exc)
+            store.stop(STOP_TIMEOUT_S)
+            return 1
+        logger.info(
+            "anomalyd running on node %s: %d stream(s), events in %s",
+            config.node_id, len(config.streams), config.storage.database,
+        )  # fmt: skip
+        self._notifier.ready(self._summary(pipeline))
+        self._serve(pipeline, store)
+        self._notifier.stopping()
+        started = time.monotonic()
+        pipeline.stop(STOP_TIMEOUT_S * 0.6)
+        store.stop(max(0.5, STOP_TIMEOUT_S - (time.monotonic() - started)))
+        logger.info("stopped in %.2f s", time.monotonic() - started)
+        return 0
+
+    def _serve(self, pipeline: Pipeline, store: StoreWriter) -> None:
+        watchdog = self._notifier.watchdog_interval
+        tick = min(1.0, watchdog / 3) if watchdog else 1.0
+        next_status = time.monotonic() + STATUS_INTERVAL_S
+        while not self._stop.is_set():
+            self._wakeup.wait(tick)
+            self._wakeup.clear()
+            if self._stop.is_set():
+                break
+            if pipeline.all_ended():
+                logger.info("every source has ended (replayed files): stopping")
+                break
+            if self._reload.is_set():
+                self._reload.clear()
+                self._apply_reload(pipeline)
+            now = time.monotonic()
+            stale = max(2.0, watchdog or 0.0)
+            if now - pipeline.heartbeat < stale and now - store.heartbeat < stale:
+                self._notifier.watchdog()
+            else:
+                logger.error(
+                    "pipeline stalled: worker idle %.1f s, store writer idle %.1f s; no watchdog ping",
+                    now - pipeline.heartbeat, now - store.heartbeat,
+                )  # fmt: skip
+            if now >= next_status:
+                next_status = now + STATUS_INTERVAL_S
+                self._notifier.status(self._summary(pipeline))
+
+    def _apply_reload(self, pipeline: Pipeline) -> None:
+        self._notifier.reloading()
+        try:
+            config = load_config(self.config_path)
+            assert pipeline.config is not None
+            fixed = _restart_only_changes(pipeline.config, config)
+            if fixed:
+                logger.warning("reload: changes to %s take effect at the next restart", ", ".join(fixed))
+            changes = pipeline.reload(config)
+        except AnomalydError as exc:
+            logger.error("reload refused, the running configuration stays: %s", str(exc).replace("\n", "; "))
+        else:
+            configure_logging(config.log_level)
+            logger.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no stream changed")
+        self._notifier.ready(self._summary(pipeline))
+
+    @staticmethod
+    def _summary(pipeline: Pipeline) -> str:
+        streams = pipeline.streams()
+        states = Counter(r.health.state.value for r in streams)
+        open_events = sum(r.event_open for r in streams)
+        health = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        return (
+            f"{len(streams)} stream(s): {health}; {open_events} open event(s); "
+            f"{pipeline.windows_scored} windows scored"
+        )
+
+
+def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
+    """Sections a reload does not apply (the store's database, ONNX Runtime threads, the node id)."""
+    fixed = []
+    if old.storage.model_copy(update={"clips": new.storage.clips}) != new.storage:
+        fixed.append("[storage]")
+    if old.inference != new.inference:
+        fixed.append("[inference]")
+    if old.node != new.node:
+        fixed.append("node")
+    return fixed

@@ -1,0 +1,229 @@
+"""One monitored stream inside the worker: audio blocks in; windows, scores, events and status out.
+
+Owned by the worker thread alone, so it needs no locks. Time comes from sample counts at the model rate,
+anchored to one wall-clock reading when the source (re)opens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from anomalyd.bundle import Bundle, load_bundle
+from anomalyd.clips import ClipRecorder
+from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
+from anomalyd.detector import Detector, Phase, Transition, WindowScore
+from anomalyd.features import LogMel
+from anomalyd.health import HealthMonitor
+from anomalyd.inference import Autoencoder
+from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
+from anomalyd.sources.base import AudioBlock, SourceNotice
+from anomalyd.streaming import Resampler, StreamingWindows, Window
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A loaded bundle; streams that name the same bundle folder share one."""
+
+    bundle: Bundle
+    logmel: LogMel
+    autoencoder: Autoencoder
+
+    @classmethod
+    def load(cls, path: str | object, threads: int) -> Model:
+        bundle = load_bundle(str(path))
+        meta = bundle.meta
+        return cls(
+            bundle,
+            LogMel(meta.features, bundle.filterbank),
+            Autoencoder(bundle.model_path, meta.features.n_mels, meta.window.n_frames, threads),
+        )
+
+    @property
+    def rate(self) -> int:
+        return self.bundle.meta.features.sample_rate
+
+
+@dataclass
+class Output:
+    """What one step of a stream produced, for the worker to pass on."""
+
+    windows: list[Window] = field(default_factory=list)
+    events: list[AnomalyEvent] = field(default_factory=list)
+    statuses: list[SourceStatus] = field(default_factory=list)
+    clips: list[ClipJob] = field(default_factory=list)
+
+    def extend(self, other: Output) -> None:
+        self.windows += other.windows
+        self.events += other.events
+        self.statuses += other.statuses
+        self.clips += other.clips
+
+
+class StreamRuntime:
+    def __init__(
+        self, config: StreamConfig, model: Model, node: str, health: HealthConfig, clips: ClipsConfig
+    ) -> None:
+        self.config = config
+        self.model = model
+        self.node = node
+        meta = model.bundle.meta
+        stats = meta.threshold.window_scores
+        detector = config.detector
+        if detector.threshold is not None:
+            self.k: float | None = None
+            self.threshold = detector.threshold
+        else:
+            self.k = detector.k if detector.k is not None else meta.threshold.k
+            self.threshold = stats.threshold(self.k)
+        self.detector = Detector(detector, self.threshold, model.rate)
+        self.windows = StreamingWindows(model.logmel, meta.window, meta.normalisation)
+        self.health = HealthMonitor(health)
+        # An event can start m windows and a window length before the window that opens it, which is
+        # scored at most a block after its audio arrived.
+        frames_back = detector.m * meta.window.hop_frames + meta.window.n_frames + 2
+        block = int(config.source.block_seconds * model.rate)
+        lookback = frames_back * meta.features.hop_length + block
+        self.clips = ClipRecorder(config.name, clips, model.rate, lookback) if clips.enabled else None
+        self._resampler: Resampler | None = None
+        self._anchor: tuple[int, dt.datetime] | None = None  # (sample index, its UTC time)
+        self._reanchor = True
+        self._event_id: str | None = None
+        self._event_started_at: dt.datetime | None = None
+        self.last_score = math.nan
+        self.windows_scored = 0
+        self.windows_silent = 0
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def event_open(self) -> bool:
+        return self._event_id is not None
+
+    def time_at(self, sample: int) -> dt.datetime:
+        anchor_sample, anchor_time = self._anchor or (0, utc_now())
+        return anchor_time + dt.timedelta(seconds=(sample - anchor_sample) / self.model.rate)
+
+    def feed(self, block: AudioBlock) -> Output:
+        out = Output()
+        change = self.health.observe(block.samples, block.rate)
+        if change:
+            out.statuses.append(self._status(*change))
+        if self._resampler is None or self._resampler.in_rate != block.rate:
+            self._resampler = Resampler(block.rate, self.model.rate)
+        samples = self._resampler(block.samples)
+        first = self.windows.samples_in
+        if self._reanchor:
+            # The block's last sample was captured about now; sample counts carry time from here on.
+            self._anchor = (first + len(samples), utc_now())
+            self._reanchor = False
+        out.windows = self.windows.push(samples)
+        if self.clips is not None:
+            self._add_clip(out, self.clips.push(first, samples))
+        return out
+
+    def drain(self) -> list[Window]:
+        """Windows still held by the resampler, at the end of a source's audio."""
+        if self._resampler is None:
+            return []
+        tail = self._resampler(np.empty(0, dtype=np.float32), last=True)
+        self._resampler = None
+        return self.windows.push(tail) if len(tail) else []
+
+    def notice(self, notice: SourceNotice) -> Output:
+        out = Output()
+        if notice.state != SourceState.OK:
+            out.extend(
+                self.finish(reason="source-lost" if notice.state == SourceState.LOST else "stream-ended")
+            )
+        else:
+            self._reanchor = True
+        change = self.health.source_reports(notice.state, notice.detail)
+        if change:
+            out.statuses.append(self._status(*change))
+        return out
+
+    def scored(self, window: Window, score: float) -> Output:
+        """The inference worker scored one of this stream's windows."""
+        out = Output()
+        if window.level_dbfs < self.health.config.silence_dbfs:
+            # Digital silence from a dead microphone reconstructs badly: a health matter, not an anomaly.
+            self.windows_silent += 1
+            return out
+        self.windows_scored += 1
+        self.last_score = score
+        for transition in self.detector.push(
+            WindowScore(window.index, window.start_sample, window.end_sample, score)
+        ):
+            out.extend(self._on_transition(transition))
+        return out
+
+    def finish(self, reason: str) -> Output:
+        """Close any open event (shutdown, source lost or ended, reconfiguration) and flush its clip."""
+        out = Output()
+        for transition in self.detector.close(self.windows.samples_in, reason):
+            out.extend(self._on_transition(transition))
+        if self.clips is not None:
+            self._add_clip(out, self.clips.flush())
+        self._resampler = None
+        return out
+
+    def _add_clip(self, out: Output, job: ClipJob | None) -> None:
+        if job is not None:
+            out.clips.append(job)
+
+    def _on_transition(self, t: Transition) -> Output:
+        out = Output()
+        if t.phase == Phase.START:
+            self._event_id = uuid.uuid4().hex
+            self._event_started_at = self.time_at(t.start_sample)
+            if self.clips is not None:
+                self.clips.start(self._event_id, self._event_started_at, t.start_sample)
+        assert self._event_id is not None
+        assert self._event_started_at is not None
+        ended = t.phase == Phase.END
+        meta = self.model.bundle.meta
+        stats = meta.threshold.window_scores
+        out.events.append(
+            AnomalyEvent(
+                event_id=self._event_id,
+                type=t.phase.value,
+                node=self.node,
+                stream=self.name,
+                started_at=self._event_started_at,
+                ended_at=self.time_at(t.end_sample) if ended else None,
+                start_sample=t.start_sample,
+                end_sample=t.end_sample,
+                score=self.last_score,
+                peak_score=t.peak_score,
+                mean_score=t.mean_score,
+                threshold=self.threshold,
+                mean=stats.mean,
+                std=stats.std,
+                k=self.k,
+                model_id=meta.model_id,
+                windows=t.windows,
+                windows_over=t.windows_over,
+                reason=t.reason,
+                at=utc_now(),
+            )
+        )
+        if ended:
+            if self.clips is not None:
+                self._add_clip(out, self.clips.end(t.end_sample))
+            self._event_id = self._event_started_at = None
+        return out
+
+    def _status(self, state: SourceState, detail: str) -> SourceStatus:
+        log = logger.info if state == SourceState.OK else logger.warning
+        log("stream %s: source %s (%s)", self.name, state.value, detail)
+        return SourceStatus(self.node, self.name, state, detail, utc_now())

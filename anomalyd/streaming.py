@@ -1,0 +1,100 @@
+"""Streaming features: audio arriving in blocks of any size -> the same windows as offline scoring.
+
+Frames are computed as soon as their n_fft samples are in (no centre padding), windows as soon as their
+frames are in, so that a stream yields, window for window, what `anomalyd score` computes for the same
+audio. Resampling uses soxr's streaming resampler, whose output equals soxr's one-shot resampling.
+Sample indices count samples at the model rate since the stream began; they give every window its time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+from anomalyd.features import LogMel
+from anomalyd.health import dbfs
+from anomalyd.windows import Normalisation, WindowGeometry
+
+
+@dataclass(frozen=True)
+class Window:
+    index: int  # windows since the stream began
+    start_sample: int  # first sample, at the model rate
+    end_sample: int  # one past the last sample
+    values: npt.NDArray[np.float32]  # (n_mels, n_frames), normalised
+    level_dbfs: float  # RMS of the window's audio (its first n_frames * hop samples)
+
+
+class Resampler:
+    """Streaming resampling of (n,) float32 blocks; a pass-through when the rates match."""
+
+    def __init__(self, in_rate: int, out_rate: int) -> None:
+        self.in_rate, self.out_rate = in_rate, out_rate
+        self._stream = (
+            None if in_rate == out_rate else soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+        )
+
+    def __call__(self, samples: npt.NDArray[np.float32], last: bool = False) -> npt.NDArray[np.float32]:
+        if self._stream is None:
+            return samples
+        return np.asarray(self._stream.resample_chunk(samples, last=last), dtype=np.float32)
+
+
+class StreamingWindows:
+    """Turns consecutive (n,) float32 blocks at the model rate into normalised windows."""
+
+    def __init__(self, logmel: LogMel, geometry: WindowGeometry, normalisation: Normalisation) -> None:
+        self.logmel = logmel
+        self.geometry = geometry
+        self.normalisation = normalisation
+        p = logmel.params
+        self._samples = np.empty(0, dtype=np.float32)  # not yet framed
+        self._frames = np.empty((p.n_mels, 0), dtype=np.float32)  # not yet fully windowed
+        self._energy = np.empty(0, dtype=np.float64)  # sum of squares of each frame's first hop samples
+        self._first_frame = 0  # absolute index of self._frames[:, 0]
+        self._next_window = 0
+        self.samples_in = 0  # samples received so far
+
+    def push(self, samples: npt.NDArray[np.float32]) -> list[Window]:
+        """Add a block; return the windows it completes, oldest first."""
+        p, g = self.logmel.params, self.geometry
+        self.samples_in += len(samples)
+        self._samples = np.concatenate([self._samples, samples.astype(np.float32, copy=False)])
+        n_new = p.n_frames(len(self._samples))
+        if n_new == 0:
+            return []
+        new_frames = self.logmel(self._samples[: p.n_samples(n_new)])
+        # Frame k of the buffer starts at k * hop, so the next frame starts n_new * hop samples in.
+        consumed = self._samples[: n_new * p.hop_length].astype(np.float64)
+        self._samples = self._samples[n_new * p.hop_length :]
+        self._frames = np.concatenate([self._frames, new_frames], axis=1)
+        self._energy = np.concatenate([self._energy, (consumed**2).reshape(n_new, p.hop_length).sum(axis=1)])
+
+        windows = []
+        while True:
+            start_frame = self._next_window * g.hop_frames
+            offset = start_frame - self._first_frame
+            if offset + g.n_frames > self._frames.shape[1]:
+                break
+            values = self._frames[:, offset : offset + g.n_frames]
+            energy = float(self._energy[offset : offset + g.n_frames].sum()) / (g.n_frames * p.hop_length)
+            start_sample = start_frame * p.hop_length
+            windows.append(
+                Window(
+                    index=self._next_window,
+                    start_sample=start_sample,
+                    end_sample=start_sample + p.n_samples(g.n_frames),
+                    values=self.normalisation.apply(values[None])[0],
+                    level_dbfs=dbfs(energy),
+                )
+            )
+            self._next_window += 1
+        drop = self._next_window * g.hop_frames - self._first_frame
+        if drop > 0:
+            self._frames = self._frames[:, drop:]
+            self._energy = self._energy[drop:]
+            self._first_frame += drop
+        return windows
