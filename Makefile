@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the project needs at run or test time.
-APT_PACKAGES := libportaudio2 alsa-utils
+APT_PACKAGES := libportaudio2 alsa-utils systemd
 DEMO := demo-out
 
 .PHONY: setup system-deps demo test lint typecheck bench clean
@@ -35,10 +35,17 @@ demo: $(STAMP)
 	$(BIN)/python -m fixtures.synth --out $(DEMO)/test --normal 4 --per-fault 2 --seed 1
 	$(BIN)/python -m training.train --normal $(DEMO)/train/normal --out $(DEMO)/bundle \
 	    --preset configs/train-small.toml --name demo-machine
-	@echo; echo "== scoring 4 normal and 6 faulty clips the model has never heard =="
+	@echo; echo "== anomalyd score: 4 normal and 6 faulty clips the model has never heard =="
 	@# Exit status 1 means "some file is anomalous", which is what this demo expects to see.
 	$(BIN)/anomalyd score --bundle $(DEMO)/bundle $(DEMO)/test/normal/*.wav $(DEMO)/test/anomaly/*.wav \
 	    || [ $$? -eq 1 ]
+	$(BIN)/python -m fixtures.synth --recording $(DEMO)/replay.wav --kind bearing --seconds 30 \
+	    --onset 10 --until 20 --seed 1
+	rm -f $(DEMO)/events.db $(DEMO)/events.db-wal $(DEMO)/events.db-shm
+	@echo; echo "== anomalyd run: 30 s replayed in real time, a bearing fault from 10 s to 20 s =="
+	$(BIN)/anomalyd run --config configs/demo.toml
+	@echo; echo "== anomalyd events =="
+	$(BIN)/anomalyd events --config configs/demo.toml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

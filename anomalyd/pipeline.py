@@ -24,7 +24,7 @@ from anomalyd.errors import AnomalydError
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 from anomalyd.sources.file import FileReplay
-from anomalyd.sources.mic import DeviceCapture, Member, PortAudioHost, StreamFactory
+from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
 from anomalyd.stream import Model, Output, StreamRuntime
 from anomalyd.streaming import Window
 from anomalyd.windows import window_errors
@@ -67,7 +67,7 @@ def source_key(stream: StreamConfig) -> str:
 
 
 class Pipeline:
-    def __init__(self, sink: EventSink, stream_factory: StreamFactory | None = None) -> None:
+    def __init__(self, sink: EventSink, mic_io: MicIO | None = None) -> None:
         self._sink = sink
         self._queue: queue.Queue[SourceMessage | _Swap | _Stop] = queue.Queue(maxsize=QUEUE_BLOCKS)
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
@@ -75,7 +75,7 @@ class Pipeline:
         self._sources: dict[str, Source] = {}
         self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
         self._host = PortAudioHost()
-        self._stream_factory = stream_factory
+        self._mic_io = mic_io or MicIO()
         self._stopping = threading.Event()
         self._pending: list[tuple[StreamRuntime, Window]] = []
         self.config: DaemonConfig | None = None
@@ -104,7 +104,6 @@ class Pipeline:
         if isinstance(first, FileSource):
             return FileReplay(members[0].name, first, config.health, self.put_blocking)
         assert isinstance(first, MicSource)
-        extra = {} if self._stream_factory is None else {"stream_factory": self._stream_factory}
         return DeviceCapture(
             spec=first.device,
             sample_rate=first.sample_rate,
@@ -113,7 +112,7 @@ class Pipeline:
             health=config.health,
             sink=self.put_nowait,
             host=self._host,
-            **extra,  # type: ignore[arg-type]
+            io=self._mic_io,
         )
 
     @staticmethod

@@ -23,7 +23,7 @@ from anomalyd.config import DaemonConfig, load_config
 from anomalyd.errors import AnomalydError
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
-from anomalyd.sources.mic import StreamFactory
+from anomalyd.sources.mic import MicIO
 from anomalyd.store import StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ def configure_logging(level: str) -> None:
 
 
 class Daemon:
-    def __init__(self, config_path: Path, stream_factory: StreamFactory | None = None) -> None:
+    def __init__(self, config_path: Path, mic_io: MicIO | None = None) -> None:
         self.config_path = config_path
-        self._stream_factory = stream_factory
+        self._mic_io = mic_io
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wakeup = threading.Event()  # set by signal handlers so the main loop reacts at once
@@ -71,7 +71,7 @@ class Daemon:
             logger.error("%s", exc)
             return 1
         store.start()
-        pipeline = Pipeline(store, self._stream_factory)
+        pipeline = Pipeline(store, self._mic_io)
         try:
             pipeline.start(config)
         except AnomalydError as exc:

@@ -224,6 +224,6 @@ class StreamRuntime:
         return out
 
     def _status(self, state: SourceState, detail: str) -> SourceStatus:
-        log = logger.info if state == SourceState.OK else logger.warning
+        log = logger.info if state in (SourceState.OK, SourceState.ENDED) else logger.warning
         log("stream %s: source %s (%s)", self.name, state.value, detail)
         return SourceStatus(self.node, self.name, state, detail, utc_now())

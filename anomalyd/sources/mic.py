@@ -125,6 +125,15 @@ StreamFactory = Callable[..., InputStreamLike]
 
 
 @dataclass(frozen=True)
+class MicIO:
+    """The three ways the capture reaches PortAudio; tests replace them to unplug a device on cue."""
+
+    stream_factory: StreamFactory = sd.InputStream
+    list_devices: Callable[[], list[InputDevice]] = input_devices
+    probe: Callable[[], list[str]] = probe_device_names
+
+
+@dataclass(frozen=True)
 class Member:
     stream: str
     channel: int
@@ -143,9 +152,7 @@ class DeviceCapture:
         health: HealthConfig,
         sink: Sink,
         host: PortAudioHost,
-        stream_factory: StreamFactory = sd.InputStream,
-        list_devices: Callable[[], list[InputDevice]] = input_devices,
-        probe: Callable[[], list[str]] = probe_device_names,
+        io: MicIO,
     ) -> None:
         self.spec = spec
         self.sample_rate = sample_rate
@@ -154,9 +161,7 @@ class DeviceCapture:
         self.health = health
         self._sink = sink
         self._host = host
-        self._factory = stream_factory
-        self._list_devices = list_devices
-        self._probe = probe
+        self._io = io
         self._stop = threading.Event()
         self._backoff = Backoff(health.retry_initial_seconds, health.retry_max_seconds, self._stop)
         self._thread = threading.Thread(target=self._run, name=f"mic-{spec}", daemon=True)
@@ -187,7 +192,7 @@ class DeviceCapture:
 
     def _open(self) -> InputStreamLike:
         with self._host.lock:
-            device = resolve_device(self.spec, self._list_devices())
+            device = resolve_device(self.spec, self._io.list_devices())
             channels = max(m.channel for m in self.members) + 1
             if channels > device.channels:
                 raise DeviceError(
@@ -195,7 +200,7 @@ class DeviceCapture:
                     f"{channels - 1}"
                 )
             self._rate = self.sample_rate or device.default_rate
-            stream = self._factory(
+            stream = self._io.stream_factory(
                 device=device.index,
                 channels=channels,
                 samplerate=self._rate,
@@ -233,7 +238,7 @@ class DeviceCapture:
 
     def _device_returned(self) -> bool:
         """Whether a fresh PortAudio sees the device that this process's PortAudio no longer finds."""
-        names = self._probe()
+        names = self._io.probe()
         devices = [InputDevice(i, n, "", 1 << 16, 0) for i, n in enumerate(names)]
         try:
             resolve_device(self.spec, devices)
@@ -242,6 +247,16 @@ class DeviceCapture:
         return True
 
     def _run(self) -> None:
+        # The supervisor must outlive anything a driver or a device list throws at it.
+        while not self._stop.is_set():
+            try:
+                self._supervise()
+            except Exception:
+                logger.exception("device %r: supervisor failed; restarting it", self.spec)
+                if not self._backoff.wait():
+                    return
+
+    def _supervise(self) -> None:
         lost = False
         rescanned = False  # one restart of PortAudio per back-off step, never a tight loop of them
         while not self._stop.is_set():
