@@ -293,6 +293,8 @@ def read_events(
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {version} is newer than this anomalyd's")
+            if version == 0:
+                return []  # the daemon is creating it right now: no events yet
             rows = conn.execute(
                 f"SELECT {', '.join(EVENT_COLUMNS)} FROM events {where} ORDER BY started_at, updated_at",
                 params,

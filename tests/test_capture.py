@@ -204,3 +204,15 @@ def wait_until(condition, what: str, timeout: float = 20.0) -> None:  # type: ig
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def test_devices_command_lists_the_alsa_device(tmp_path: Path) -> None:
+    conf = alsa_file_device(tmp_path, np.zeros((16_000, 2), dtype=np.float32))
+    result = subprocess.run(
+        [sys.executable, "-m", "anomalyd", "devices"], capture_output=True, text=True, timeout=60,
+        check=False, cwd=ROOT, env={**os.environ, "ALSA_CONFIG_PATH": str(conf)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["index", "channels", "rate", "host", "API", "name"]
+    assert any(line.split()[-1] == "filemic" and "ALSA" in line for line in lines[1:])

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-from anomalyd.config import DetectorConfig
+from pathlib import Path
+
+import pytest
+
+from anomalyd.config import DetectorConfig, parse_config
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
+from anomalyd.stream import Model, StreamRuntime
 
 RATE = 16_000
 HOP = 8192  # samples between windows (16 frames of 512)
@@ -72,3 +77,22 @@ def test_forced_close_reports_its_reason() -> None:
     (end,) = detector.close(LENGTH, "shutdown")
     assert (end.phase, end.reason) == (Phase.END, "shutdown")
     assert not detector.is_open
+
+
+@pytest.mark.slow
+def test_stream_threshold_from_bundle_k_override_or_absolute(bundle_dir: Path, tmp_path: Path) -> None:
+    model = Model.load(bundle_dir, threads=1)
+    stats = model.bundle.meta.threshold.window_scores
+    base = 'name = "s"\nbundle = "b"\n[streams.source]\ntype = "file"\npath = "x.wav"\n'
+
+    def runtime(detector: str) -> StreamRuntime:
+        config = parse_config(f"[[streams]]\n{base}[streams.detector]\n{detector}\n", "t", tmp_path)
+        return StreamRuntime(config.streams[0], model, "n", config.health, config.storage.clips)
+
+    default = runtime("")
+    assert default.k == model.bundle.meta.threshold.k == 3.0
+    assert default.threshold == pytest.approx(stats.mean + 3.0 * stats.std)
+    assert runtime("k = 5.0").threshold == pytest.approx(stats.mean + 5.0 * stats.std)
+    absolute = runtime("threshold = 0.5\nk = 5.0")
+    assert (absolute.threshold, absolute.k) == (0.5, None)
+    assert absolute.detector.threshold == 0.5

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ from anomalyd.store import (
     read_events,
     save_clip,
 )
+from tests.conftest import ROOT
 
 T0 = dt.datetime(2026, 1, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -152,3 +155,30 @@ def test_clips_respect_quota_and_free_space_floor(tmp_path: Path) -> None:
     huge_floor = ClipsConfig(directory=directory, min_free_mb=1e12)
     job = ClipJob("e-last", "fan", T0, one_second, 16_000, directory)
     assert save_clip(job, huge_floor) is None
+
+
+def test_events_follow_prints_new_and_changed_events(tmp_path: Path) -> None:
+    writer = StoreWriter(storage(tmp_path))
+    writer.write(event("before", "end", T0))
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "anomalyd", "events", "--database", str(tmp_path / "events.db"), "--follow", "--format", "json"],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        assert '"event_id": "before"' in follower.stdout.readline()
+        writer.write(event("live", "start", T0 + dt.timedelta(hours=1), at=utc_now()))
+        first = follower.stdout.readline()
+        assert '"event_id": "live"' in first
+        assert '"state": "open"' in first
+        writer.write(event("live", "end", T0 + dt.timedelta(hours=1), at=utc_now()))
+        assert '"state": "closed"' in follower.stdout.readline()
+    finally:
+        follower.terminate()
+        follower.wait(10)
+        writer.stop(1.0)
+
+
+def test_a_database_being_created_reads_as_empty(tmp_path: Path) -> None:
+    sqlite3.connect(tmp_path / "events.db").execute("PRAGMA journal_mode = wal").close()
+    assert read_events(tmp_path / "events.db") == []
