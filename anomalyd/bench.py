@@ -4,22 +4,31 @@
 
 Measures, on one thread: log-mel cost per second of audio, ONNX Runtime cost per window alone and in
 batches, the streams one core could score in real time, and the start-up cost (import + bundle load) and
-peak memory of a fresh process that scores one clip.
+peak memory of a fresh process that scores one clip. Then the whole daemon pipeline (worker, detectors,
+event store) on `--streams` files replayed as fast as it takes them: how many seconds of audio it gets
+through per second, i.e. how many real-time streams its one worker thread could carry.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 
 from anomalyd.bundle import load_bundle
+from anomalyd.config import parse_config
+from anomalyd.pipeline import Pipeline
 from anomalyd.scoring import ClipScorer
+from anomalyd.store import StoreWriter
 
 _STARTUP_PROBE = """
 import resource, sys, time
@@ -44,10 +53,41 @@ def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
     return min(times)
 
 
+def pipeline_throughput(bundle: Path, streams: int, seconds: float) -> float:
+    """Seconds of audio the daemon's pipeline processes per wall-clock second, over `streams` replays."""
+    rate = load_bundle(bundle).meta.features.sample_rate
+    rng = np.random.default_rng(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        text = "[storage]\n[storage.clips]\nenabled = false\n"
+        for i in range(streams):
+            audio = (0.05 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+            sf.write(folder / f"s{i}.wav", audio, rate, subtype="PCM_16")
+            text += f'[[streams]]\nname = "s{i}"\nbundle = "{bundle.resolve()}"\n'
+            text += (
+                f'[streams.source]\ntype = "file"\npath = "s{i}.wav"\nrealtime = false\nblock_seconds = 0.1\n'
+            )
+        config = parse_config(text, "bench", folder)
+        # Random noise is far from any machine: every stream raises events; their log lines are not news.
+        logging.getLogger("anomalyd").setLevel(logging.ERROR)
+        store = StoreWriter(config.storage)
+        store.start()
+        pipeline = Pipeline(store)
+        started = time.perf_counter()
+        pipeline.start(config)
+        while not pipeline.all_ended():
+            time.sleep(0.01)
+        elapsed = time.perf_counter() - started
+        pipeline.stop()
+        store.stop(5.0)
+    return streams * seconds / elapsed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anomalyd.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--seconds", type=float, default=60.0, help="audio length for the feature timing")
+    parser.add_argument("--seconds", type=float, default=60.0, help="audio length per stream and clip")
+    parser.add_argument("--streams", type=int, default=8, help="replayed streams for the pipeline timing")
     args = parser.parse_args(argv)
 
     bundle = load_bundle(args.bundle)
@@ -67,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         [sys.executable, "-c", _STARTUP_PROBE, str(args.bundle)], capture_output=True, text=True, check=True
     )
     startup_s, rss_mb, torch_loaded = probe.stdout.split()
+    throughput = pipeline_throughput(args.bundle, args.streams, args.seconds)
+    pipeline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     rows = [
         ("log-mel, per second of audio", f"{feature_s * 1e3:.3f} ms"),
@@ -77,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         ("start-up: import + load bundle", f"{float(startup_s):.2f} s"),
         ("peak RSS scoring a 10 s clip", f"{float(rss_mb):.0f} MB"),
         ("torch imported by the runtime", torch_loaded),
+        (f"pipeline ({args.streams} replays): audio seconds per second", f"{throughput:.0f}"),
+        ("peak RSS of the benchmark with the pipeline", f"{pipeline_rss:.0f} MB"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"model {bundle.meta.model_id}, 1 thread")

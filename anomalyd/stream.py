@@ -11,6 +11,7 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -37,8 +38,8 @@ class Model:
     autoencoder: Autoencoder
 
     @classmethod
-    def load(cls, path: str | object, threads: int) -> Model:
-        bundle = load_bundle(str(path))
+    def load(cls, path: Path, threads: int) -> Model:
+        bundle = load_bundle(path)
         meta = bundle.meta
         return cls(
             bundle,
