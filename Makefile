@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the project needs at run or test time.
-APT_PACKAGES := libportaudio2 alsa-utils systemd
+APT_PACKAGES := libportaudio2 alsa-utils systemd mosquitto mosquitto-clients openssl
 DEMO := demo-out
 
 .PHONY: setup system-deps demo test lint typecheck bench clean

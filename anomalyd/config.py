@@ -56,6 +56,60 @@ class HealthConfig(_Section):
     retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between reopening attempts")
 
 
+class TlsConfig(_Section):
+    enabled: bool = Field(False, description="connect with TLS; the broker's certificate is always verified")
+    ca_file: Path | None = Field(
+        None, description="CA certificate(s) to verify the broker; empty = system CAs"
+    )
+    cert_file: Path | None = Field(None, description="client certificate, when the broker asks for one")
+    key_file: Path | None = Field(None, description="the client certificate's private key")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class HomeAssistantConfig(_Section):
+    enabled: bool = Field(True, description="publish Home Assistant MQTT discovery for every stream")
+    discovery_prefix: str = Field("homeassistant", pattern=r"^[^#+]+$", description="Home Assistant's prefix")
+
+
+class MqttConfig(_Section):
+    enabled: bool = Field(False, description="publish events and status over MQTT")
+    host: str = Field("localhost", min_length=1, description="broker host name or address")
+    port: int = Field(0, ge=0, le=65535, description="broker port; 0 = 8883 with TLS, 1883 without")
+    client_id: str = Field("", description="MQTT client id; empty = anomalyd-<node>")
+    keepalive_seconds: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
+    prefix: str = Field("anomalyd", pattern=r"^[^#+/][^#+]*$", description="first level of every topic")
+    username: str = Field("", description="user name; empty = no login")
+    password_file: Path | None = Field(
+        None, description="file holding the password (e.g. a systemd credential); never in this config"
+    )
+    password_env: str = Field("", description="or: environment variable holding the password")
+    tls: TlsConfig = TlsConfig()
+    homeassistant: HomeAssistantConfig = HomeAssistantConfig()
+    score_interval_seconds: float = Field(
+        10.0, gt=0, description="how often each stream's score is published"
+    )
+    outbox_max_messages: int = Field(
+        100_000, ge=100, description="undelivered messages kept; beyond it scores go first, events last"
+    )
+    retry_initial_seconds: float = Field(1.0, gt=0, description="first wait before reconnecting")
+    retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between reconnection attempts")
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> MqttConfig:
+        if self.password_file is not None and self.password_env:
+            raise ValueError("give password_file or password_env, not both")
+        return self
+
+    @property
+    def broker_port(self) -> int:
+        return self.port or (8883 if self.tls.enabled else 1883)
+
+
 class MicSource(_Section):
     type: Literal["mic"]
     device: str | int = Field(
@@ -118,6 +172,7 @@ class DaemonConfig(_Section):
     storage: StorageConfig = StorageConfig()
     inference: InferenceConfig = InferenceConfig()
     health: HealthConfig = HealthConfig()
+    mqtt: MqttConfig = MqttConfig()
     streams: list[StreamConfig] = Field(min_length=1, description="one entry per monitored machine")
 
     @field_validator("streams")
@@ -204,13 +259,30 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
             ),
         }
     )
+    tls = config.mqtt.tls
+    mqtt = config.mqtt.model_copy(
+        update={
+            "password_file": absolute(config.mqtt.password_file) if config.mqtt.password_file else None,
+            "tls": tls.model_copy(
+                update={
+                    key: absolute(value)
+                    for key, value in (
+                        ("ca_file", tls.ca_file),
+                        ("cert_file", tls.cert_file),
+                        ("key_file", tls.key_file),
+                    )
+                    if value is not None
+                }
+            ),
+        }
+    )
     streams = []
     for stream in config.streams:
         source = stream.source
         if isinstance(source, FileSource):
             source = source.model_copy(update={"path": absolute(source.path)})
         streams.append(stream.model_copy(update={"bundle": absolute(stream.bundle), "source": source}))
-    return config.model_copy(update={"storage": storage, "streams": streams})
+    return config.model_copy(update={"storage": storage, "streams": streams, "mqtt": mqtt})
 
 
 def parse_config(text: str, source: str, base: Path) -> DaemonConfig:

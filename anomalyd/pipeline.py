@@ -21,10 +21,11 @@ import numpy as np
 
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
-from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus
+from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 from anomalyd.sources.file import FileReplay
 from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
+from anomalyd.store import ScoreReport
 from anomalyd.stream import Model, Output, StreamRuntime
 from anomalyd.streaming import Window
 from anomalyd.windows import window_errors
@@ -36,7 +37,7 @@ STOP_DRAIN_S = 1.0  # at shutdown, queued audio is still processed for at most t
 
 
 class EventSink(Protocol):
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob) -> None: ...
+    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport) -> None: ...
 
 
 class Source(Protocol):
@@ -67,7 +68,9 @@ def source_key(stream: StreamConfig) -> str:
 
 
 class Pipeline:
-    def __init__(self, sink: EventSink, mic_io: MicIO | None = None) -> None:
+    def __init__(
+        self, sink: EventSink, mic_io: MicIO | None = None, score_interval: float | None = None
+    ) -> None:
         self._sink = sink
         self._queue: queue.Queue[SourceMessage | _Swap | _Stop] = queue.Queue(maxsize=QUEUE_BLOCKS)
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
@@ -76,6 +79,8 @@ class Pipeline:
         self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
         self._host = PortAudioHost()
         self._mic_io = mic_io or MicIO()
+        self._score_interval = score_interval  # seconds between ScoreReports per stream; None: none
+        self._next_report: dict[str, float] = {}
         self._stopping = threading.Event()
         self._pending: list[tuple[StreamRuntime, Window]] = []
         self.config: DaemonConfig | None = None
@@ -292,6 +297,17 @@ class Pipeline:
                 for (runtime, window), score in zip(chunk, scores, strict=True):
                     self._emit(runtime.scored(window, float(score)))
                 self.windows_scored += len(chunk)
+        self._report_scores({runtime.name: runtime for runtime, _ in pending})
+
+    def _report_scores(self, runtimes: dict[str, StreamRuntime]) -> None:
+        """The latest score of each stream, every score_interval seconds (for dashboards)."""
+        if self._score_interval is None:
+            return
+        now = time.monotonic()
+        for name, runtime in runtimes.items():
+            if now >= self._next_report.get(name, 0.0) and not np.isnan(runtime.last_score):
+                self._next_report[name] = now + self._score_interval
+                self._sink.put(ScoreReport(name, runtime.last_score, runtime.threshold, utc_now()))
 
     def _emit(self, out: Output) -> None:
         for event in out.events:

@@ -20,11 +20,13 @@ from pathlib import Path
 from types import FrameType
 
 from anomalyd.config import DaemonConfig, load_config
+from anomalyd.contract import Topics
 from anomalyd.errors import AnomalydError
+from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
 from anomalyd.sources.mic import MicIO
-from anomalyd.store import StoreWriter
+from anomalyd.store import Mutes, Outbox, StoreWriter
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wakeup = threading.Event()  # set by signal handlers so the main loop reacts at once
+        self._publisher_ref: Publisher | None = None
         self._notifier = Notifier()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -65,19 +68,32 @@ class Daemon:
         configure_logging(config.log_level)
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
+        mutes = Mutes()
+        outbox = None
+        if config.mqtt.enabled:
+            outbox = Outbox(
+                Topics(config.mqtt.prefix, config.node_id), config.mqtt.outbox_max_messages, mutes
+            )
         try:
-            store = StoreWriter(config.storage)
+            store = StoreWriter(config.storage, outbox)
+            publisher = self._publisher(config, store, mutes)
         except AnomalydError as exc:
-            logger.error("%s", exc)
+            logger.error("cannot start: %s", exc)
             return 1
         store.start()
-        pipeline = Pipeline(store, self._mic_io)
+        if publisher is not None:
+            publisher.start()
+        interval = config.mqtt.score_interval_seconds if publisher is not None else None
+        pipeline = Pipeline(store, self._mic_io, score_interval=interval)
         try:
             pipeline.start(config)
         except AnomalydError as exc:
             logger.error("cannot start: %s", exc)
+            if publisher is not None:
+                publisher.stop()
             store.stop(STOP_TIMEOUT_S)
             return 1
+        self._publisher_ref = publisher
         logger.info(
             "anomalyd running on node %s: %d stream(s), events in %s",
             config.node_id, len(config.streams), config.storage.database,
@@ -86,10 +102,27 @@ class Daemon:
         self._serve(pipeline, store)
         self._notifier.stopping()
         started = time.monotonic()
-        pipeline.stop(STOP_TIMEOUT_S * 0.6)
+        pipeline.stop(STOP_TIMEOUT_S * 0.5)
+        if publisher is not None:
+            store.flush(0.5)  # the closing events reach the outbox, and get a moment to go out
+            publisher.drain(0.5)
+            publisher.stop(0.8)
         store.stop(max(0.5, STOP_TIMEOUT_S - (time.monotonic() - started)))
         logger.info("stopped in %.2f s", time.monotonic() - started)
         return 0
+
+    @staticmethod
+    def _publisher(config: DaemonConfig, store: StoreWriter, mutes: Mutes) -> Publisher | None:
+        if not config.mqtt.enabled:
+            return None
+        return Publisher(
+            config.mqtt,
+            node=config.node_id,
+            streams=[s.name for s in config.streams],
+            database=config.storage.database,
+            sink=store,
+            mutes=mutes,
+        )
 
     def _serve(self, pipeline: Pipeline, store: StoreWriter) -> None:
         watchdog = self._notifier.watchdog_interval
@@ -108,12 +141,15 @@ class Daemon:
                 self._apply_reload(pipeline)
             now = time.monotonic()
             stale = max(2.0, watchdog or 0.0)
-            if now - pipeline.heartbeat < stale and now - store.heartbeat < stale:
+            beats = [pipeline.heartbeat, store.heartbeat]
+            if self._publisher_ref is not None:
+                beats.append(self._publisher_ref.heartbeat)
+            if all(now - beat < stale for beat in beats):
                 self._notifier.watchdog()
             else:
                 logger.error(
-                    "pipeline stalled: worker idle %.1f s, store writer idle %.1f s; no watchdog ping",
-                    now - pipeline.heartbeat, now - store.heartbeat,
+                    "pipeline stalled (idle for %s s: worker, store writer, MQTT); no watchdog ping",
+                    ", ".join(f"{now - beat:.1f}" for beat in beats),
                 )  # fmt: skip
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
@@ -128,6 +164,8 @@ class Daemon:
             if fixed:
                 logger.warning("reload: changes to %s take effect at the next restart", ", ".join(fixed))
             changes = pipeline.reload(config)
+            if self._publisher_ref is not None:
+                self._publisher_ref.set_streams([s.name for s in config.streams])
         except AnomalydError as exc:
             logger.error("reload refused, the running configuration stays: %s", str(exc).replace("\n", "; "))
         else:
@@ -135,14 +173,14 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no stream changed")
         self._notifier.ready(self._summary(pipeline))
 
-    @staticmethod
-    def _summary(pipeline: Pipeline) -> str:
+    def _summary(self, pipeline: Pipeline) -> str:
         streams = pipeline.streams()
         states = Counter(r.health.state.value for r in streams)
         open_events = sum(r.event_open for r in streams)
         health = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+        mqtt = "" if self._publisher_ref is None else f"MQTT {self._publisher_ref.state.value}; "
         return (
-            f"{len(streams)} stream(s): {health}; {open_events} open event(s); "
+            f"{len(streams)} stream(s): {health}; {open_events} open event(s); {mqtt}"
             f"{pipeline.windows_scored} windows scored"
         )
 
@@ -156,4 +194,6 @@ def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
         fixed.append("[inference]")
     if old.node != new.node:
         fixed.append("node")
+    if old.mqtt != new.mqtt:
+        fixed.append("[mqtt]")
     return fixed

@@ -24,6 +24,7 @@ import soundfile as sf
 import sqlite_utils
 
 from anomalyd.config import ClipsConfig, StorageConfig
+from anomalyd.contract import Message, Topics, event_message, score_message, source_message, state_message
 from anomalyd.errors import AnomalydError
 from anomalyd.records import AnomalyEvent, ClipJob, SourceStatus, iso, utc_now
 
@@ -56,7 +57,18 @@ def _v1(db: sqlite_utils.Database) -> None:
     db["source_status"].create_index(["at"])  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1]
+def _v2(db: sqlite_utils.Database) -> None:
+    """The MQTT outbox: messages wait here, in order, until the broker acknowledges them."""
+    db.execute(
+        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
+        "payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL, "
+        "event_id TEXT, created_at TEXT NOT NULL)"
+    )
+    db.execute("CREATE INDEX outbox_kind ON outbox(kind, id)")
+    db.execute("CREATE INDEX outbox_topic ON outbox(topic)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -123,7 +135,103 @@ class _Stop:
     pass
 
 
-Item = AnomalyEvent | SourceStatus | ClipJob | _Stop
+@dataclass(frozen=True)
+class Delivered:
+    """Outbox rows the broker has acknowledged."""
+
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ScoreReport:
+    stream: str
+    score: float
+    threshold: float
+    at: dt.datetime
+
+
+class Mutes:
+    """Streams whose alerts are not published until a time (shared by the command handler and the writer)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._until: dict[str, dt.datetime] = {}
+
+    def set(self, stream: str, until: dt.datetime | None) -> None:
+        with self._lock:
+            if until is None:
+                self._until.pop(stream, None)
+            else:
+                self._until[stream] = until
+
+    def until(self, stream: str, now: dt.datetime) -> dt.datetime | None:
+        with self._lock:
+            until = self._until.get(stream)
+            return until if until is not None and until > now else None
+
+
+# What the outbox gives up first when full; events only when nothing else is left.
+DROP_ORDER = ("score", "source", "state", "discovery", "event")
+# Kinds where only the newest undelivered message of a topic matters (retained state, latest score).
+SUPERSEDED_KINDS = ("score", "source", "state")
+
+
+class Outbox:
+    """Turns what the writer records into MQTT messages, in the same transaction, within a bound."""
+
+    def __init__(self, topics: Topics, max_messages: int, mutes: Mutes) -> None:
+        self.topics = topics
+        self.max_messages = max_messages
+        self.mutes = mutes
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_ORDER, 0)
+        self.muted = 0
+
+    def messages(self, item: AnomalyEvent | SourceStatus | ScoreReport) -> list[Message]:
+        if isinstance(item, SourceStatus):
+            return [source_message(self.topics, item)]
+        if self.mutes.until(item.stream, utc_now()) is not None:
+            self.muted += 1
+            return []  # logged locally, not published
+        if isinstance(item, ScoreReport):
+            return [score_message(self.topics, item.stream, item.score, item.threshold, item.at)]
+        out = [event_message(self.topics, item)]
+        if item.type != "update":
+            out.append(state_message(self.topics, item))
+        return out
+
+    def add(self, db: sqlite_utils.Database, messages: list[Message]) -> None:
+        """Insert (inside the caller's transaction), replacing superseded messages of the same topic."""
+        now = iso(utc_now())
+        for m in messages:
+            if m.kind in SUPERSEDED_KINDS:
+                db.execute("DELETE FROM outbox WHERE topic = ? AND kind = ?", [m.topic, m.kind])
+            db.execute(
+                "INSERT INTO outbox (topic, payload, qos, retain, kind, event_id, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [m.topic, m.payload, m.qos, int(m.retain), m.kind, m.event_id, now],
+            )
+        if messages:
+            self._bound(db)
+
+    def _bound(self, db: sqlite_utils.Database) -> None:
+        excess = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0]) - self.max_messages
+        for kind in DROP_ORDER:
+            if excess <= 0:
+                return
+            cursor = db.execute(
+                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE kind = ? ORDER BY id LIMIT ?)",
+                [kind, excess],
+            )
+            if cursor.rowcount:
+                self.dropped[kind] += cursor.rowcount
+                excess -= cursor.rowcount
+                logger.warning(
+                    "MQTT outbox full (%d messages): dropped the %d oldest %s message(s); %s dropped so far",
+                    self.max_messages, cursor.rowcount, kind, self.dropped[kind],
+                )  # fmt: skip
+
+
+Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered | _Stop
 
 RETENTION_INTERVAL_S = 3600.0  # how often old rows and clips are pruned
 
@@ -131,8 +239,9 @@ RETENTION_INTERVAL_S = 3600.0  # how often old rows and clips are pruned
 class StoreWriter:
     """The one thread that writes the event log and the clips."""
 
-    def __init__(self, config: StorageConfig) -> None:
+    def __init__(self, config: StorageConfig, outbox: Outbox | None = None) -> None:
         self.config = config
+        self.outbox = outbox
         self._queue: queue.Queue[Item] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.db = open_database(config.database)
@@ -147,8 +256,15 @@ class StoreWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob) -> None:
+    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
         self._queue.put(item)
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until everything queued so far is written (or the timeout passes)."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not self._queue.unfinished_tasks
 
     def stop(self, timeout: float) -> None:
         """Write everything queued, then close the database."""
@@ -169,15 +285,17 @@ class StoreWriter:
                 item = None
             self.heartbeat = time.monotonic()
             if isinstance(item, _Stop):
+                self._queue.task_done()
                 break
             if item is not None:
                 self._write_safely(item)
+                self._queue.task_done()
             if time.monotonic() >= next_retention:
                 next_retention = time.monotonic() + RETENTION_INTERVAL_S
                 self._retain_safely()
         self.db.close()
 
-    def _write_safely(self, item: AnomalyEvent | SourceStatus | ClipJob) -> None:
+    def _write_safely(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
         try:
             self.write(item)
             self.written += 1
@@ -185,17 +303,24 @@ class StoreWriter:
             # The pipeline keeps running; the row is lost only if the disk itself fails.
             logger.error("could not write %s to the event log: %s", type(item).__name__, exc)
 
-    def write(self, item: AnomalyEvent | SourceStatus | ClipJob) -> None:
+    def write(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
         """Write one item now (the writer thread's step; also for tools and tests that own the store)."""
-        if isinstance(item, AnomalyEvent):
+        if isinstance(item, Delivered):
             with self.db.atomic():
-                self.db["events"].upsert(_event_row(item), pk="event_id")  # type: ignore[union-attr]
-        elif isinstance(item, SourceStatus):
+                self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item.ids])
+            return
+        if isinstance(item, AnomalyEvent | SourceStatus | ScoreReport):
+            # A row and its outgoing messages commit together, or not at all.
             with self.db.atomic():
-                self.db["source_status"].insert(  # type: ignore[union-attr]
-                    {"node": item.node, "stream": item.stream, "state": item.state.value,
-                     "detail": item.detail, "at": iso(item.at)}
-                )  # fmt: skip
+                if isinstance(item, AnomalyEvent):
+                    self.db["events"].upsert(_event_row(item), pk="event_id")  # type: ignore[union-attr]
+                elif isinstance(item, SourceStatus):
+                    self.db["source_status"].insert(  # type: ignore[union-attr]
+                        {"node": item.node, "stream": item.stream, "state": item.state.value,
+                         "detail": item.detail, "at": iso(item.at)}
+                    )  # fmt: skip
+                if self.outbox is not None:
+                    self.outbox.add(self.db, self.outbox.messages(item))
         else:
             path = save_clip(item, self.config.clips)
             if path is not None:

@@ -1,0 +1,179 @@
+"""The MQTT contract: topics and payloads (public API; field names are frozen once released).
+
+    <prefix>/<node>/status             retained  "online" | "offline" (the offline one is the Last Will)
+    <prefix>/<node>/<stream>/state     retained  "ON" while an anomaly event is open, else "OFF"
+    <prefix>/<node>/<stream>/event     QoS 1     JSON: start / update / end of an event (schemas/event.json)
+    <prefix>/<node>/<stream>/score     QoS 0     JSON: the latest window score, periodically
+    <prefix>/<node>/<stream>/source    retained  JSON: source health (ok / silent / clipping / lost / ended)
+    <prefix>/<node>/<stream>/mute/set  command   seconds to mute the stream's alerts; 0 or "off" unmutes
+    <prefix>/<node>/<stream>/mute      retained  JSON: the mute state, acknowledging each command
+
+Every JSON payload has a JSON Schema in anomalyd/schemas/; tests validate published messages against them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from anomalyd import __version__
+from anomalyd.records import AnomalyEvent, SourceStatus, iso
+
+SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status")
+
+
+def load_schema(name: str) -> dict[str, Any]:
+    """The JSON Schema of one payload kind, shipped inside the package."""
+    text = resources.files("anomalyd.schemas").joinpath(f"{name}.json").read_text()
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+@dataclass(frozen=True)
+class Topics:
+    prefix: str
+    node: str
+
+    @property
+    def status(self) -> str:
+        return f"{self.prefix}/{self.node}/status"
+
+    def stream(self, stream: str, leaf: str) -> str:
+        return f"{self.prefix}/{self.node}/{stream}/{leaf}"
+
+    @property
+    def mute_commands(self) -> str:
+        return f"{self.prefix}/{self.node}/+/mute/set"
+
+    def stream_of_command(self, topic: str) -> str | None:
+        parts = topic.split("/")
+        base = f"{self.prefix}/{self.node}".split("/")
+        if len(parts) != len(base) + 3 or parts[: len(base)] != base or parts[-2:] != ["mute", "set"]:
+            return None
+        return parts[len(base)]
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: str
+    qos: int
+    retain: bool
+    kind: str  # event | state | source | score: the outbox drops scores first, events last
+    event_id: str | None = None
+
+
+def event_message(topics: Topics, event: AnomalyEvent) -> Message:
+    payload = {
+        "event_id": event.event_id,
+        "type": event.type,
+        "node": event.node,
+        "stream": event.stream,
+        "started_at": iso(event.started_at),
+        "ended_at": iso(event.ended_at),
+        "score": event.score,
+        "peak_score": event.peak_score,
+        "mean_score": event.mean_score,
+        "threshold": event.threshold,
+        "mean": event.mean,
+        "std": event.std,
+        "k": event.k,
+        "model_id": event.model_id,
+        "windows": event.windows,
+        "windows_over": event.windows_over,
+        "reason": event.reason or None,
+        "sent_at": iso(event.at),
+        "replayed": False,
+    }
+    return Message(
+        topics.stream(event.stream, "event"), json.dumps(payload), 1, False, "event", event.event_id
+    )
+
+
+def state_message(topics: Topics, event: AnomalyEvent) -> Message:
+    state = "OFF" if event.type == "end" else "ON"
+    return Message(topics.stream(event.stream, "state"), state, 1, True, "state")
+
+
+def source_message(topics: Topics, status: SourceStatus) -> Message:
+    payload = {
+        "stream": status.stream,
+        "state": status.state.value,
+        "detail": status.detail,
+        "at": iso(status.at),
+    }
+    return Message(topics.stream(status.stream, "source"), json.dumps(payload), 1, True, "source")
+
+
+def score_message(topics: Topics, stream: str, score: float, threshold: float, at: dt.datetime) -> Message:
+    payload = {
+        "stream": stream,
+        "score": score,
+        "threshold": threshold,
+        "anomalous": score > threshold,
+        "at": iso(at),
+    }
+    return Message(topics.stream(stream, "score"), json.dumps(payload), 0, False, "score")
+
+
+def mute_payload(stream: str, until: dt.datetime | None, at: dt.datetime) -> str:
+    return json.dumps({"stream": stream, "muted": until is not None, "until": iso(until), "at": iso(at)})
+
+
+def as_replayed(payload: str) -> str:
+    """The same event message, flagged as sent late (after an outage or a restart)."""
+    data = json.loads(payload)
+    data["replayed"] = True
+    return json.dumps(data)
+
+
+def discovery_messages(topics: Topics, streams: list[str], discovery_prefix: str) -> list[Message]:
+    """Home Assistant MQTT discovery: one device per node; per stream a problem sensor, score, source."""
+    device = {
+        "identifiers": [f"anomalyd_{topics.node}"],
+        "name": f"anomalyd {topics.node}",
+        "manufacturer": "anomalyd",
+        "model": "audio anomaly monitor",
+        "sw_version": __version__,
+    }
+    availability = {"availability_topic": topics.status, "payload_available": "online",
+                    "payload_not_available": "offline"}  # fmt: skip
+    out = []
+    for stream in streams:
+        uid = f"anomalyd_{topics.node}_{stream}".replace("-", "_")
+        configs: dict[str, dict[str, Any]] = {
+            f"binary_sensor/{uid}_anomaly": {
+                "name": f"{stream} anomaly",
+                "state_topic": topics.stream(stream, "state"),
+                "payload_on": "ON",
+                "payload_off": "OFF",
+                "device_class": "problem",
+            },
+            f"sensor/{uid}_score": {
+                "name": f"{stream} anomaly score",
+                "state_topic": topics.stream(stream, "score"),
+                "value_template": "{{ value_json.score }}",
+                "state_class": "measurement",
+            },
+            f"sensor/{uid}_source": {
+                "name": f"{stream} microphone",
+                "state_topic": topics.stream(stream, "source"),
+                "value_template": "{{ value_json.state }}",
+                "device_class": "enum",
+                "options": ["ok", "silent", "clipping", "lost", "ended"],
+            },
+        }
+        for path, config in configs.items():
+            unique_id = path.split("/", 1)[1]
+            body = {
+                **config,
+                **availability,
+                "unique_id": unique_id,
+                "object_id": unique_id,
+                "device": device,
+            }
+            out.append(Message(f"{discovery_prefix}/{path}/config", json.dumps(body), 1, True, "discovery"))
+    return out
