@@ -99,6 +99,7 @@ class Publisher:
         self._sent_up_to = 0  # highest outbox id handed to paho on this connection
         self._done: set[int] = set()  # acknowledged ids the writer may not have deleted yet
         self._resend_discovery = False
+        self._last_failure = ""  # the last connection failure logged, so that a retry loop logs it once
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
@@ -205,25 +206,20 @@ class Publisher:
         try:
             client.connect(self.config.host, self.config.broker_port, keepalive=self.config.keepalive_seconds)
         except ssl.SSLCertVerificationError as exc:
-            logger.error(
-                "MQTT: TLS certificate of %s not trusted (%s); check mqtt.tls.ca_file",
-                where,
-                exc.verify_message,
+            return self._failed(
+                f"TLS certificate of {where} not trusted ({exc.verify_message}); check mqtt.tls.ca_file"
             )
-            return False
         except (OSError, ssl.SSLError) as exc:
-            logger.error("MQTT: cannot connect to %s: %s", where, exc)
-            return False
+            return self._failed(f"cannot connect to {where}: {exc}")
         deadline = time.monotonic() + CONNACK_TIMEOUT_S
         while self._connack is None and time.monotonic() < deadline and not self._stop.is_set():
             if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
                 break
         if self._connack is None:
-            logger.error("MQTT: no answer from %s to the connection request", where)
-            return False
+            return self._failed(f"no answer from {where} to the connection request")
         if self._connack.is_failure:
-            logger.error("MQTT: %s refused the connection: %s", where, self._connack)
-            return False
+            return self._failed(f"{where} refused the connection: {self._connack}")
+        self._last_failure = ""
         self.state = LinkState.CONNECTED
         self._connected_at = iso(utc_now()) or ""
         self._inflight.clear()
@@ -235,6 +231,15 @@ class Publisher:
             client.subscribe(f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}", qos=1)
             self._resend_discovery = True
         return True
+
+    def _failed(self, why: str) -> bool:
+        """Log a connection failure once (error), its repetitions quietly (debug), until one succeeds."""
+        if why != self._last_failure:
+            logger.error("MQTT: %s; events keep going to the local log and are sent once connected", why)
+            self._last_failure = why
+        else:
+            logger.debug("MQTT: still failing: %s", why)
+        return False
 
     def _serve(self) -> None:
         assert self._client is not None

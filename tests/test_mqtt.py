@@ -252,6 +252,7 @@ def test_daemon_wrong_password_kill_restart_and_last_will(
     first.process.send_signal(signal.SIGKILL)
     first.wait_exit(10)
     assert "Traceback" not in first.log
+    assert first.log.count("refused the connection") == 1  # retried many times, said once
     logged = {e["event_id"] for e in read_events(tmp_path / "events.db")}
     waiting = _event_ids_in_outbox(tmp_path)
     assert waiting
