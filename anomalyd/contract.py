@@ -68,22 +68,8 @@ class Message:
 
 def event_message(topics: Topics, event: AnomalyEvent) -> Message:
     payload = {
-        "event_id": event.event_id,
+        **event.shared_fields(),
         "type": event.type,
-        "node": event.node,
-        "stream": event.stream,
-        "started_at": iso(event.started_at),
-        "ended_at": iso(event.ended_at),
-        "score": event.score,
-        "peak_score": event.peak_score,
-        "mean_score": event.mean_score,
-        "threshold": event.threshold,
-        "mean": event.mean,
-        "std": event.std,
-        "k": event.k,
-        "model_id": event.model_id,
-        "windows": event.windows,
-        "windows_over": event.windows_over,
         "reason": event.reason or None,
         "sent_at": iso(event.at),
         "replayed": False,

@@ -10,6 +10,7 @@ import datetime as dt
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -65,6 +66,26 @@ class AnomalyEvent:
     windows_over: int
     reason: str  # for an end: recovered, shutdown, stream-ended, reconfigured
     at: dt.datetime  # when this message was made
+
+    def shared_fields(self) -> dict[str, Any]:
+        """The fields that the event log's row and the published message have in common, as plain values."""
+        return {
+            "event_id": self.event_id,
+            "node": self.node,
+            "stream": self.stream,
+            "started_at": iso(self.started_at),
+            "ended_at": iso(self.ended_at),
+            "score": self.score,
+            "peak_score": self.peak_score,
+            "mean_score": self.mean_score,
+            "threshold": self.threshold,
+            "mean": self.mean,
+            "std": self.std,
+            "k": self.k,
+            "model_id": self.model_id,
+            "windows": self.windows,
+            "windows_over": self.windows_over,
+        }
 
 
 @dataclass(frozen=True)

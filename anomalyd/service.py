@@ -48,7 +48,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._wakeup = threading.Event()  # set by signal handlers so the main loop reacts at once
-        self._publisher_ref: Publisher | None = None
+        self._publisher: Publisher | None = None
         self._notifier = Notifier()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -76,7 +76,7 @@ class Daemon:
             )
         try:
             store = StoreWriter(config.storage, outbox)
-            publisher = self._publisher(config, store, mutes)
+            publisher = self._make_publisher(config, store, mutes)
         except AnomalydError as exc:
             logger.error("cannot start: %s", exc)
             return 1
@@ -93,7 +93,7 @@ class Daemon:
                 publisher.stop()
             store.stop(STOP_TIMEOUT_S)
             return 1
-        self._publisher_ref = publisher
+        self._publisher = publisher
         logger.info(
             "anomalyd running on node %s: %d stream(s), events in %s",
             config.node_id, len(config.streams), config.storage.database,
@@ -112,7 +112,7 @@ class Daemon:
         return 0
 
     @staticmethod
-    def _publisher(config: DaemonConfig, store: StoreWriter, mutes: Mutes) -> Publisher | None:
+    def _make_publisher(config: DaemonConfig, store: StoreWriter, mutes: Mutes) -> Publisher | None:
         if not config.mqtt.enabled:
             return None
         return Publisher(
@@ -142,8 +142,8 @@ class Daemon:
             now = time.monotonic()
             stale = max(2.0, watchdog or 0.0)
             beats = [pipeline.heartbeat, store.heartbeat]
-            if self._publisher_ref is not None:
-                beats.append(self._publisher_ref.heartbeat)
+            if self._publisher is not None:
+                beats.append(self._publisher.heartbeat)
             if all(now - beat < stale for beat in beats):
                 self._notifier.watchdog()
             else:
@@ -164,8 +164,8 @@ class Daemon:
             if fixed:
                 logger.warning("reload: changes to %s take effect at the next restart", ", ".join(fixed))
             changes = pipeline.reload(config)
-            if self._publisher_ref is not None:
-                self._publisher_ref.set_streams([s.name for s in config.streams])
+            if self._publisher is not None:
+                self._publisher.set_streams([s.name for s in config.streams])
         except AnomalydError as exc:
             logger.error("reload refused, the running configuration stays: %s", str(exc).replace("\n", "; "))
         else:
@@ -178,7 +178,7 @@ class Daemon:
         states = Counter(r.health.state.value for r in streams)
         open_events = sum(r.event_open for r in streams)
         health = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        mqtt = "" if self._publisher_ref is None else f"MQTT {self._publisher_ref.state.value}; "
+        mqtt = "" if self._publisher is None else f"MQTT {self._publisher.state.value}; "
         return (
             f"{len(streams)} stream(s): {health}; {open_events} open event(s); {mqtt}"
             f"{pipeline.windows_scored} windows scored"

@@ -107,24 +107,10 @@ def close_interrupted(db: sqlite_utils.Database) -> int:
 
 def _event_row(event: AnomalyEvent) -> dict[str, Any]:
     return {
-        "event_id": event.event_id,
-        "node": event.node,
-        "stream": event.stream,
+        **event.shared_fields(),
         "state": "closed" if event.type == "end" else "open",
-        "started_at": iso(event.started_at),
-        "ended_at": iso(event.ended_at),
         "start_sample": event.start_sample,
         "end_sample": event.end_sample,
-        "score": event.score,
-        "peak_score": event.peak_score,
-        "mean_score": event.mean_score,
-        "threshold": event.threshold,
-        "mean": event.mean,
-        "std": event.std,
-        "k": event.k,
-        "model_id": event.model_id,
-        "windows": event.windows,
-        "windows_over": event.windows_over,
         "end_reason": event.reason or None,
         "updated_at": iso(event.at),
     }
