@@ -327,8 +327,8 @@ class Publisher:
         while not info.is_published() and time.monotonic() < deadline:
             self._client.loop(timeout=0.05)
         self._report_acked()
+        self.state = LinkState.DISCONNECTED  # first: a disconnection we asked for is no news
         self._client.disconnect()
-        self.state = LinkState.DISCONNECTED
 
     def _drop_connection(self) -> None:
         if self._client is not None:
