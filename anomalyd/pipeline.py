@@ -21,11 +21,10 @@ import numpy as np
 
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
-from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
+from anomalyd.records import AnomalyEvent, ClipJob, ScoreReport, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 from anomalyd.sources.file import FileReplay
 from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
-from anomalyd.store import ScoreReport
 from anomalyd.stream import Model, Output, StreamRuntime
 from anomalyd.streaming import Window
 from anomalyd.windows import window_errors

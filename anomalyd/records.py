@@ -89,6 +89,16 @@ class AnomalyEvent:
 
 
 @dataclass(frozen=True)
+class ScoreReport:
+    """A stream's latest window score, for dashboards (published every score_interval_seconds)."""
+
+    stream: str
+    score: float
+    threshold: float
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
 class ClipJob:
     """Audio of one event, with pre- and post-roll, for the store's writer to save."""
 

@@ -26,7 +26,7 @@ import sqlite_utils
 from anomalyd.config import ClipsConfig, StorageConfig
 from anomalyd.contract import Message, Topics, event_message, score_message, source_message, state_message
 from anomalyd.errors import AnomalydError
-from anomalyd.records import AnomalyEvent, ClipJob, SourceStatus, iso, utc_now
+from anomalyd.records import AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,6 @@ class Delivered:
     """Outbox rows the broker has acknowledged."""
 
     ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class ScoreReport:
-    stream: str
-    score: float
-    threshold: float
-    at: dt.datetime
 
 
 class Mutes:

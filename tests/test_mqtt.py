@@ -16,8 +16,8 @@ import pytest
 from anomalyd.config import DaemonConfig, parse_config
 from anomalyd.contract import Topics
 from anomalyd.mqtt import LinkState, Publisher
-from anomalyd.records import AnomalyEvent, SourceState, SourceStatus, utc_now
-from anomalyd.store import Mutes, Outbox, ScoreReport, StoreWriter, read_events
+from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, utc_now
+from anomalyd.store import Mutes, Outbox, StoreWriter, read_events
 from tests.daemon_helpers import DaemonProcess, write_config, write_recording
 from tests.mqtt_helpers import PASSWORD, USER, WATCHER, Broker, Subscriber, make_certificates, validate
 
