@@ -19,7 +19,7 @@ FULL_SCALE = 0.999  # |sample| at or above this counts as clipped (float32 full 
 
 
 def dbfs(mean_square: float) -> float:
-    """RMS level in dB relative to a full-scale sine-free square (1.0)."""
+    """RMS level in dB full scale: a mean square of 1.0 (a square wave at +-1) is 0 dBFS."""
     return 10.0 * float(np.log10(max(mean_square, 1e-20)))
 
 
