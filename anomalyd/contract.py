@@ -1,6 +1,7 @@
 """The MQTT contract: topics and payloads (public API; field names are frozen once released).
 
     <prefix>/<node>/status             retained  "online" | "offline" (the offline one is the Last Will)
+    <prefix>/<node>/diagnostics        retained  JSON: storage, MQTT backlog and per-stream lag (on change)
     <prefix>/<node>/<stream>/state     retained  "ON" while an anomaly event is open, else "OFF"
     <prefix>/<node>/<stream>/event     QoS 1     JSON: start / update / end of an event (schemas/event.json)
     <prefix>/<node>/<stream>/score     QoS 0     JSON: the latest window score, periodically
@@ -20,9 +21,9 @@ from importlib import resources
 from typing import Any
 
 from anomalyd import __version__
-from anomalyd.records import AnomalyEvent, SourceStatus, iso
+from anomalyd.records import AlarmState, AnomalyEvent, ScoreReport, SourceState, SourceStatus, iso
 
-SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status")
+SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status", "diagnostics")
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -43,6 +44,10 @@ class Topics:
 
     def stream(self, stream: str, leaf: str) -> str:
         return f"{self.prefix}/{self.node}/{stream}/{leaf}"
+
+    @property
+    def diagnostics(self) -> str:
+        return f"{self.prefix}/{self.node}/diagnostics"
 
     @property
     def mute_commands(self) -> str:
@@ -94,15 +99,20 @@ def source_message(topics: Topics, status: SourceStatus) -> Message:
     return Message(topics.stream(status.stream, "source"), json.dumps(payload), 1, True, "source")
 
 
-def score_message(topics: Topics, stream: str, score: float, threshold: float, at: dt.datetime) -> Message:
+def score_message(topics: Topics, report: ScoreReport) -> Message:
     payload = {
-        "stream": stream,
-        "score": score,
-        "threshold": threshold,
-        "anomalous": score > threshold,
-        "at": iso(at),
+        "stream": report.stream,
+        "score": report.score,
+        "threshold": report.threshold,
+        "anomalous": report.score > report.threshold,
+        "lag_seconds": round(report.lag_seconds, 3),
+        "at": iso(report.at),
     }
-    return Message(topics.stream(stream, "score"), json.dumps(payload), 0, False, "score")
+    return Message(topics.stream(report.stream, "score"), json.dumps(payload), 0, False, "score")
+
+
+def alarm_state_message(topics: Topics, state: AlarmState) -> Message:
+    return Message(topics.stream(state.stream, "state"), "ON" if state.on else "OFF", 1, True, "state")
 
 
 def mute_payload(stream: str, until: dt.datetime | None, at: dt.datetime) -> str:
@@ -149,7 +159,7 @@ def discovery_messages(topics: Topics, streams: list[str], discovery_prefix: str
                 "state_topic": topics.stream(stream, "source"),
                 "value_template": "{{ value_json.state }}",
                 "device_class": "enum",
-                "options": ["ok", "silent", "clipping", "lost", "ended"],
+                "options": [s.value for s in SourceState],
             },
         }
         for path, config in configs.items():

@@ -21,7 +21,15 @@ import numpy as np
 
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
-from anomalyd.records import AnomalyEvent, ClipJob, ScoreReport, SourceState, SourceStatus, utc_now
+from anomalyd.records import (
+    AlarmState,
+    AnomalyEvent,
+    ClipJob,
+    ScoreReport,
+    SourceState,
+    SourceStatus,
+    utc_now,
+)
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 from anomalyd.sources.file import FileReplay
 from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
@@ -36,7 +44,7 @@ STOP_DRAIN_S = 1.0  # at shutdown, queued audio is still processed for at most t
 
 
 class EventSink(Protocol):
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport) -> None: ...
+    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState) -> None: ...
 
 
 class Source(Protocol):

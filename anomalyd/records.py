@@ -31,6 +31,7 @@ class SourceState(Enum):
     CLIPPING = "clipping"
     LOST = "lost"
     ENDED = "ended"  # a replayed file reached its end
+    INVALID = "invalid"  # samples that are not audio: NaN, infinite or far beyond full scale
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,20 @@ class ScoreReport:
     stream: str
     score: float
     threshold: float
+    at: dt.datetime
+    lag_seconds: float = 0.0  # now minus the audio time of the end of the last scored window
+
+
+@dataclass(frozen=True)
+class AlarmState:
+    """A stream's alarm state, stated again (retained) at start and after every reload.
+
+    Events carry state changes; this tells subscribers the current truth when nothing changes, e.g. the
+    `OFF` of a healthy machine after a restart.
+    """
+
+    stream: str
+    on: bool  # an event is open
     at: dt.datetime
 
 

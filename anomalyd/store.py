@@ -24,9 +24,17 @@ import soundfile as sf
 import sqlite_utils
 
 from anomalyd.config import ClipsConfig, StorageConfig
-from anomalyd.contract import Message, Topics, event_message, score_message, source_message, state_message
+from anomalyd.contract import (
+    Message,
+    Topics,
+    alarm_state_message,
+    event_message,
+    score_message,
+    source_message,
+    state_message,
+)
 from anomalyd.errors import AnomalydError
-from anomalyd.records import AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
+from anomalyd.records import AlarmState, AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
 
 logger = logging.getLogger(__name__)
 
@@ -164,14 +172,16 @@ class Outbox:
         self.dropped: dict[str, int] = dict.fromkeys(DROP_ORDER, 0)
         self.muted = 0
 
-    def messages(self, item: AnomalyEvent | SourceStatus | ScoreReport) -> list[Message]:
+    def messages(self, item: AnomalyEvent | SourceStatus | ScoreReport | AlarmState) -> list[Message]:
         if isinstance(item, SourceStatus):
             return [source_message(self.topics, item)]
+        if isinstance(item, AlarmState):
+            return [alarm_state_message(self.topics, item)]
         if self.mutes.until(item.stream, utc_now()) is not None:
             self.muted += 1
             return []  # logged locally, not published
         if isinstance(item, ScoreReport):
-            return [score_message(self.topics, item.stream, item.score, item.threshold, item.at)]
+            return [score_message(self.topics, item)]
         out = [event_message(self.topics, item)]
         if item.type != "update":
             out.append(state_message(self.topics, item))
@@ -209,7 +219,7 @@ class Outbox:
                 )  # fmt: skip
 
 
-Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered | _Stop
+Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | _Stop
 
 RETENTION_INTERVAL_S = 3600.0  # how often old rows and clips are pruned
 
@@ -234,7 +244,7 @@ class StoreWriter:
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
+    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered) -> None:
         self._queue.put(item)
 
     def flush(self, timeout: float) -> bool:
@@ -273,7 +283,9 @@ class StoreWriter:
                 self._retain_safely()
         self.db.close()
 
-    def _write_safely(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
+    def _write_safely(
+        self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered
+    ) -> None:
         try:
             self.write(item)
             self.written += 1
@@ -281,13 +293,15 @@ class StoreWriter:
             # The pipeline keeps running; the row is lost only if the disk itself fails.
             logger.error("could not write %s to the event log: %s", type(item).__name__, exc)
 
-    def write(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | Delivered) -> None:
+    def write(
+        self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered
+    ) -> None:
         """Write one item now (the writer thread's step; also for tools and tests that own the store)."""
         if isinstance(item, Delivered):
             with self.db.atomic():
                 self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item.ids])
             return
-        if isinstance(item, AnomalyEvent | SourceStatus | ScoreReport):
+        if isinstance(item, AnomalyEvent | SourceStatus | ScoreReport | AlarmState):
             # A row and its outgoing messages commit together, or not at all.
             with self.db.atomic():
                 if isinstance(item, AnomalyEvent):
