@@ -4,10 +4,14 @@ Unknown keys are refused (a misspelt key must not silently fall back to a defaul
 the file, the key path (`streams[1].detector.n`), the bad value and what is allowed. Relative paths are
 taken relative to the config file's folder, so a config and its models can move together.
 Each component receives only its own section.
+
+Every number has a documented range (and NaN and infinities are refused everywhere): a value that passes
+`check-config` can never overflow a timer, a SQL LIMIT or a back-off at run time.
 """
 
 from __future__ import annotations
 
+import re
 import socket
 import tomllib
 from pathlib import Path
@@ -19,10 +23,27 @@ from anomalyd.errors import ConfigError
 
 DEFAULT_CONFIG = Path("/etc/anomalyd/anomalyd.toml")
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"  # safe in file names and MQTT topics
+# Node ids go into MQTT topics and Home Assistant discovery ids, which allow only [A-Za-z0-9_-].
+NODE_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+# Topic prefixes: levels of [A-Za-z0-9_-], separated by single slashes (no wildcards, NUL or empty levels).
+PREFIX_PATTERN = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
+MAX_CONFIG_BYTES = 1_000_000  # a config file is a few kB; anything near this is not a config
+DAY_S = 86_400.0
+
+
+def default_node() -> str:
+    """The short host name, made valid as a node id (`edge1.plant` -> `edge1`, odd characters -> `-`)."""
+    short = socket.gethostname().split(".", 1)[0]
+    return re.sub(r"[^A-Za-z0-9_-]", "-", short)[:64] or "anomalyd"
+
+
+def _check_retry(initial: float, maximum: float) -> None:
+    if maximum < initial:
+        raise ValueError(f"retry_max_seconds ({maximum}) must not be below retry_initial_seconds ({initial})")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ClipsConfig(_Section):
@@ -31,29 +52,51 @@ class ClipsConfig(_Section):
     pre_roll_seconds: float = Field(5.0, ge=0, le=60, description="audio kept from before the event start")
     post_roll_seconds: float = Field(5.0, ge=0, le=60, description="audio kept after the event end")
     max_seconds: float = Field(120.0, gt=0, le=3600, description="longest clip; a longer event is cut")
-    quota_mb: float = Field(1024.0, gt=0, description="total size of all clips; oldest deleted beyond it")
-    min_free_mb: float = Field(500.0, ge=0, description="no clip is written when the disk has less free")
+    quota_mb: float = Field(
+        1024.0, gt=0, le=10_000_000, description="total size of all clips; oldest deleted beyond it"
+    )
+    min_free_mb: float = Field(
+        500.0, ge=0, le=10_000_000, description="no clip is written when the disk has less free"
+    )
 
 
 class StorageConfig(_Section):
     database: Path = Field(Path("events.db"), description="SQLite event log; relative to the config file")
-    retention_days: float = Field(365.0, gt=0, description="events and status rows older than this go")
-    max_events: int = Field(100_000, gt=0, description="newest events kept; older ones go")
+    retention_days: float = Field(
+        365.0, gt=0, le=36_500, description="events and status rows older than this go"
+    )
+    max_events: int = Field(100_000, gt=0, le=100_000_000, description="newest events kept; older ones go")
     clips: ClipsConfig = ClipsConfig()
 
 
 class InferenceConfig(_Section):
     max_batch: int = Field(64, ge=1, le=4096, description="windows per ONNX Runtime call, across streams")
     threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per model")
+    max_lag_seconds: float = Field(
+        5.0, ge=0.5, le=3600, description="scores trailing their audio by more than this = stream lagging"
+    )
 
 
 class HealthConfig(_Section):
-    silence_dbfs: float = Field(-70.0, le=0, description="RMS below this (dBFS) counts as silence")
-    silence_seconds: float = Field(10.0, gt=0, description="silence this long marks the source silent")
+    silence_dbfs: float = Field(
+        -70.0, ge=-200, le=0, description="RMS of 10 ms below this (dBFS) is digital silence (a dropout)"
+    )
+    silence_seconds: float = Field(
+        10.0, gt=0, le=DAY_S, description="continuous silence this long is called a dead or muted microphone"
+    )
     clipping_fraction: float = Field(0.01, gt=0, le=1, description="share of full-scale samples = clipping")
-    stall_seconds: float = Field(5.0, gt=0, description="no audio from a device this long = lost")
-    retry_initial_seconds: float = Field(1.0, gt=0, description="first wait before reopening a lost device")
-    retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between reopening attempts")
+    stall_seconds: float = Field(5.0, ge=0.5, le=3600, description="no audio from a device this long = lost")
+    retry_initial_seconds: float = Field(
+        1.0, ge=0.01, le=3600, description="first wait before reopening a lost device"
+    )
+    retry_max_seconds: float = Field(
+        60.0, ge=0.01, le=3600, description="longest wait between reopening attempts"
+    )
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> HealthConfig:
+        _check_retry(self.retry_initial_seconds, self.retry_max_seconds)
+        return self
 
 
 class TlsConfig(_Section):
@@ -78,32 +121,50 @@ class HomeAssistantConfig(_Section):
 
 class MqttConfig(_Section):
     enabled: bool = Field(False, description="publish events and status over MQTT")
-    host: str = Field("localhost", min_length=1, description="broker host name or address")
+    host: str = Field(
+        "localhost", pattern=r"^[A-Za-z0-9.:_\[\]%-]{1,253}$", description="broker host name or address"
+    )
     port: int = Field(0, ge=0, le=65535, description="broker port; 0 = 8883 with TLS, 1883 without")
-    client_id: str = Field("", description="MQTT client id; empty = anomalyd-<node>")
+    client_id: str = Field(
+        "", pattern=r"^[A-Za-z0-9_.-]{0,128}$", description="MQTT client id; empty = anomalyd-<node>"
+    )
     keepalive_seconds: int = Field(30, ge=5, le=3600, description="MQTT keep-alive")
-    prefix: str = Field("anomalyd", pattern=r"^[^#+/][^#+]*$", description="first level of every topic")
-    username: str = Field("", description="user name; empty = no login")
+    prefix: str = Field(
+        "anomalyd", pattern=PREFIX_PATTERN, max_length=128, description="first level(s) of every topic"
+    )
+    username: str = Field("", pattern=r"^[^\x00-\x1f]{0,256}$", description="user name; empty = no login")
     password_file: Path | None = Field(
         None, description="file holding the password (e.g. a systemd credential); never in this config"
     )
-    password_env: str = Field("", description="or: environment variable holding the password")
+    password_env: str = Field(
+        "", pattern=r"^([A-Za-z_][A-Za-z0-9_]{0,127})?$", description="or: environment variable holding it"
+    )
     tls: TlsConfig = TlsConfig()
     homeassistant: HomeAssistantConfig = HomeAssistantConfig()
     score_interval_seconds: float = Field(
-        10.0, gt=0, description="how often each stream's score is published"
+        10.0, ge=0.1, le=DAY_S, description="how often each stream's score is published"
     )
     outbox_max_messages: int = Field(
-        100_000, ge=100, description="undelivered messages kept; beyond it scores go first, events last"
+        100_000,
+        ge=100,
+        le=10_000_000,
+        description="undelivered messages kept; beyond it scores go first, events last",
     )
-    retry_initial_seconds: float = Field(1.0, gt=0, description="first wait before reconnecting")
-    retry_max_seconds: float = Field(60.0, gt=0, description="longest wait between reconnection attempts")
+    retry_initial_seconds: float = Field(1.0, ge=0.01, le=3600, description="first wait before reconnecting")
+    retry_max_seconds: float = Field(
+        60.0, ge=0.01, le=3600, description="longest wait between reconnection attempts"
+    )
 
     @model_validator(mode="after")
     def _one_password_source(self) -> MqttConfig:
         if self.password_file is not None and self.password_env:
             raise ValueError("give password_file or password_env, not both")
+        _check_retry(self.retry_initial_seconds, self.retry_max_seconds)
         return self
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.username or self.password_file or self.password_env)
 
     @property
     def broker_port(self) -> int:
@@ -117,14 +178,23 @@ class MicSource(_Section):
         "or its index"
     )
     channel: int = Field(0, ge=0, le=255, description="channel of the device this stream listens to")
-    sample_rate: int = Field(0, ge=0, description="capture rate in Hz; 0 = the device's default")
+    sample_rate: int = Field(
+        0, ge=0, le=384_000, description="capture rate in Hz (8000-384000); 0 = the device's default"
+    )
     block_seconds: float = Field(0.1, gt=0, le=2, description="audio per capture callback")
+
+    @field_validator("sample_rate")
+    @classmethod
+    def _rate_range(cls, rate: int) -> int:
+        if rate and not 8000 <= rate <= 384_000:
+            raise ValueError(f"must be 0 (the device's default) or 8000..384000 Hz, got {rate}")
+        return rate
 
 
 class FileSource(_Section):
     type: Literal["file"]
     path: Path = Field(description="WAV or FLAC file to replay; relative to the config file")
-    channel: int = Field(0, ge=0, description="channel of the file")
+    channel: int = Field(0, ge=0, le=255, description="channel of the file")
     realtime: bool = Field(
         True, description="pace replay at the file's own speed; false = as fast as possible"
     )
@@ -136,21 +206,25 @@ Source = Annotated[MicSource | FileSource, Field(discriminator="type")]
 
 
 class DetectorConfig(_Section):
-    n: int = Field(3, ge=1, description="windows over the threshold, out of the last m, that open an event")
-    m: int = Field(5, ge=1, description="windows looked at for the n-of-m rule")
+    n: int = Field(
+        3, ge=1, le=1000, description="windows over the threshold, out of the last m, that open an event"
+    )
+    m: int = Field(5, ge=1, le=1000, description="windows looked at for the n-of-m rule")
     hold_off_windows: int = Field(
-        4, ge=1, description="consecutive windows under the threshold that close an open event"
+        4, ge=1, le=1000, description="consecutive windows under the threshold that close an open event"
     )
     cooldown_seconds: float = Field(
-        30.0, ge=0, description="after an event closes, no new one opens for this long"
+        30.0, ge=0, le=DAY_S, description="after an event closes, no new one opens for this long"
     )
     update_seconds: float = Field(
-        10.0, gt=0, description="interval of update messages while an event is open"
+        10.0, ge=0.5, le=DAY_S, description="interval of update messages while an event is open"
     )
     k: float | None = Field(
-        None, gt=0, description="override the bundle's k in mean + k * std (window scores)"
+        None, gt=0, le=1000, description="override the bundle's k in mean + k * std (window scores)"
     )
-    threshold: float | None = Field(None, gt=0, description="absolute window-score threshold; overrides k")
+    threshold: float | None = Field(
+        None, gt=0, le=1e9, description="absolute window-score threshold; overrides k"
+    )
 
     @model_validator(mode="after")
     def _n_within_m(self) -> DetectorConfig:
@@ -167,7 +241,12 @@ class StreamConfig(_Section):
 
 
 class DaemonConfig(_Section):
-    node: str = Field("", description="this machine's id in events and topics; empty = the host name")
+    node: str = Field(
+        "",
+        pattern=r"^([A-Za-z0-9_-]{1,64})?$",
+        description="this machine's id in events and topics: letters, digits, '-' and '_', at most 64; "
+        "empty = the short host name, made valid",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     storage: StorageConfig = StorageConfig()
     inference: InferenceConfig = InferenceConfig()
@@ -186,7 +265,19 @@ class DaemonConfig(_Section):
 
     @property
     def node_id(self) -> str:
-        return self.node or socket.gethostname()
+        return self.node or default_node()
+
+
+def config_warnings(config: DaemonConfig) -> list[str]:
+    """Things that work but that an operator should know about (logged at start, shown by check-config)."""
+    found = []
+    mqtt = config.mqtt
+    if mqtt.enabled and mqtt.has_credentials and not mqtt.tls.enabled:
+        found.append(
+            f"mqtt: credentials are configured without TLS: the password crosses the network to "
+            f"{mqtt.host} in clear text; set [mqtt.tls] enabled = true"
+        )
+    return found
 
 
 _SOURCE_TAGS: dict[str, type[BaseModel]] = {"mic": MicSource, "file": FileSource}
@@ -230,6 +321,12 @@ def _allowed_keys(loc: tuple[int | str, ...]) -> list[str]:
     return sorted(model.model_fields) if model is not None else []
 
 
+def _short(value: Any, limit: int = 80) -> str:
+    """A value's repr for one log line: a 1 MB string must not become a 1 MB error message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
+
+
 def format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
@@ -243,7 +340,7 @@ def format_errors(source: str, exc: ValidationError) -> str:
         if error["type"] == "missing":
             lines.append(f"{source}: {where}: required key is missing")
         else:
-            lines.append(f"{source}: {where} = {error['input']!r}: {message}")
+            lines.append(f"{source}: {where} = {_short(error['input'])}: {message}")
     return "\n".join(lines)
 
 
@@ -287,10 +384,14 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
 
 def parse_config(text: str, source: str, base: Path) -> DaemonConfig:
     """Validate TOML text; `source` names it in errors, `base` anchors relative paths."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters; a config file holds at most {MAX_CONFIG_BYTES}")
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise ConfigError(f"{source}: not valid TOML: arrays or tables nested too deeply") from exc
     try:
         config = DaemonConfig.model_validate(data)
     except ValidationError as exc:
@@ -300,7 +401,9 @@ def parse_config(text: str, source: str, base: Path) -> DaemonConfig:
 
 def load_config(path: Path) -> DaemonConfig:
     try:
-        text = path.read_text()
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from exc
     return parse_config(text, str(path), path.resolve().parent)
