@@ -1,8 +1,14 @@
-"""Source health: silence (a dead or muted microphone), clipping, and loss, as status changes.
+"""Source health: dropouts and silence, clipping, samples that are not audio, and loss, as status changes.
 
-Judged on the captured audio, before resampling, one second at a time. A source is `silent` after
-`silence_seconds` of RMS below `silence_dbfs`, `clipping` when more than `clipping_fraction` of a
-second's samples are at full scale, `lost` or `ended` when its source says so, else `ok`.
+Judged on the captured audio, before resampling, one second at a time:
+- `invalid` when a second holds NaN, infinite or absurd samples (beyond `MAX_ABS_SAMPLE`): a broken driver
+  or file, never audio; the worker scores none of them (they are zeroed, which reads as a dropout);
+- `clipping` when more than `clipping_fraction` of a second's samples are at full scale;
+- `silent` when any 10 ms of the second is digital silence (RMS below `silence_dbfs`): a dropout, or a
+  dead or muted microphone once the silence has lasted `silence_seconds`. Machines are never that quiet,
+  so this is a fault of the capture chain, and windows holding any of it are not scored;
+- `lost` or `ended` when its source says so, else `ok`.
+The first state is always reported (there is no assumed `ok` before the source has said anything).
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from anomalyd.config import HealthConfig
 from anomalyd.records import SourceState
 
 FULL_SCALE = 0.999  # |sample| at or above this counts as clipped (float32 full scale is 1.0)
+MAX_ABS_SAMPLE = 16.0  # +24 dBFS: float audio may exceed full scale a little, never by this much
+CHUNK_SECONDS = 0.01  # the unit of a dropout
 
 
 def dbfs(mean_square: float) -> float:
@@ -23,27 +31,49 @@ def dbfs(mean_square: float) -> float:
     return 10.0 * float(np.log10(max(mean_square, 1e-20)))
 
 
+def sanitise(samples: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], int]:
+    """Samples with NaN, infinities and absurd values zeroed, and how many there were.
+
+    Zeroing (rather than dropping) keeps sample counts, and so time, exact; zeros read as a dropout, so
+    the windows around them are not scored.
+    """
+    bad = ~np.isfinite(samples) | (np.abs(samples) > MAX_ABS_SAMPLE)
+    count = int(np.count_nonzero(bad))
+    if not count:
+        return samples, 0
+    return np.where(bad, np.float32(0.0), samples).astype(np.float32), count
+
+
 @dataclass
 class _Second:
     squares: float = 0.0
     clipped: int = 0
+    invalid: int = 0
+    silent_chunks: int = 0
     samples: int = 0
 
 
 class HealthMonitor:
     def __init__(self, config: HealthConfig) -> None:
         self.config = config
-        self.state = SourceState.OK
+        self.state: SourceState | None = None  # nothing known until the source or its audio says so
         self.detail = ""
+        self._kind = ""
         self._second = _Second()
         self._silent_seconds = 0.0
         self._source_state = SourceState.OK  # what the source itself reports (ok / lost / ended)
+        self._silence_ms = 10 ** (config.silence_dbfs / 10)  # mean square of a silent chunk
 
-    def observe(self, samples: npt.NDArray[np.float32], rate: int) -> tuple[SourceState, str] | None:
-        """Take a captured block; return (state, detail) when the state changes."""
+    def observe(
+        self, samples: npt.NDArray[np.float32], rate: int, invalid: int = 0
+    ) -> tuple[SourceState, str] | None:
+        """Take a captured block (already sanitised; `invalid` samples were zeroed); return (state, detail)
+        when the state changes."""
         s = self._second
         s.squares += float(np.dot(samples, samples))
         s.clipped += int(np.count_nonzero(np.abs(samples) >= FULL_SCALE))
+        s.invalid += invalid
+        s.silent_chunks += self._silent_chunks(samples, rate)
         s.samples += len(samples)
         if s.samples < rate:
             return None
@@ -51,15 +81,35 @@ class HealthMonitor:
         clipped = s.clipped / s.samples
         seconds = s.samples / rate
         self._second = _Second()
-        self._silent_seconds = self._silent_seconds + seconds if level < self.config.silence_dbfs else 0.0
+        whole_second_silent = level < self.config.silence_dbfs
+        self._silent_seconds = self._silent_seconds + seconds if whole_second_silent else 0.0
+        if s.invalid:
+            return self._set(SourceState.INVALID, f"{s.invalid} sample(s) NaN, infinite or beyond +24 dBFS")
         if clipped > self.config.clipping_fraction:
             return self._set(SourceState.CLIPPING, f"{clipped:.1%} of samples at full scale")
         if self._silent_seconds >= self.config.silence_seconds:
             return self._set(
                 SourceState.SILENT,
                 f"level {level:.1f} dBFS for {self._silent_seconds:.0f} s (dead or muted?)",
+                kind="dead",
+            )
+        if s.silent_chunks:
+            silent = s.silent_chunks * CHUNK_SECONDS
+            return self._set(
+                SourceState.SILENT, f"dropout: {silent:.2f} s of digital silence in the last second"
             )
         return self._set(SourceState.OK, f"level {level:.1f} dBFS")
+
+    def _silent_chunks(self, samples: npt.NDArray[np.float32], rate: int) -> int:
+        """How many 10 ms chunks of the block are digital silence (a short block counts as one chunk)."""
+        size = max(1, int(rate * CHUNK_SECONDS))
+        n = len(samples) // size
+        if n == 0:
+            return int(
+                len(samples) > 0 and float(np.mean(samples.astype(np.float64) ** 2)) < self._silence_ms
+            )
+        chunks = samples[: n * size].astype(np.float64).reshape(n, size)
+        return int(np.count_nonzero(np.mean(chunks**2, axis=1) < self._silence_ms))
 
     def source_reports(self, state: SourceState, detail: str) -> tuple[SourceState, str] | None:
         """The source opened (OK), was lost, or ended."""
@@ -68,10 +118,11 @@ class HealthMonitor:
         self._silent_seconds = 0.0
         return self._set(state, detail)
 
-    def _set(self, state: SourceState, detail: str) -> tuple[SourceState, str] | None:
+    def _set(self, state: SourceState, detail: str, kind: str = "") -> tuple[SourceState, str] | None:
+        """Report a change of state, or of kind within a state (a dropout that turns out a dead mic)."""
         if self._source_state in (SourceState.LOST, SourceState.ENDED) and state != self._source_state:
             return None  # audio still queued from before the loss does not undo it
-        if state == self.state:
+        if (state, kind) == (self.state, self._kind):
             return None
-        self.state, self.detail = state, detail
+        self.state, self.detail, self._kind = state, detail, kind
         return state, detail

@@ -4,6 +4,10 @@ Capture callbacks and file readers only enqueue. The worker thread owns every st
 what is queued, turns audio into windows, scores the windows of all streams in batches (one ONNX Runtime
 call per model per batch), runs each stream's detector, and hands events, status changes and clips to
 the store's writer thread. Reconfiguration swaps streams inside the worker, between two batches.
+
+Stopping is bounded whatever the backlog: once asked to stop, the worker processes queued audio for at
+most `STOP_DRAIN_S`, discards (and counts) the rest, scores the windows it already holds, closes every
+open event with reason `shutdown` and exits; nothing is scored after that.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -40,7 +45,7 @@ from anomalyd.windows import window_errors
 logger = logging.getLogger(__name__)
 
 QUEUE_BLOCKS = 2000  # audio blocks waiting for the worker (200 s of one stream at 0.1 s blocks)
-STOP_DRAIN_S = 1.0  # at shutdown, queued audio is still processed for at most this long
+STOP_DRAIN_S = 0.5  # at shutdown, queued audio is still processed for at most this long
 
 
 class EventSink(Protocol):
@@ -62,8 +67,8 @@ class _Swap:
 
 
 @dataclass(frozen=True)
-class _Stop:
-    pass
+class _Restate:
+    """Worker-thread instruction: state every stream's alarm state (and known source health) again."""
 
 
 def source_key(stream: StreamConfig) -> str:
@@ -79,7 +84,7 @@ class Pipeline:
         self, sink: EventSink, mic_io: MicIO | None = None, score_interval: float | None = None
     ) -> None:
         self._sink = sink
-        self._queue: queue.Queue[SourceMessage | _Swap | _Stop] = queue.Queue(maxsize=QUEUE_BLOCKS)
+        self._queue: queue.Queue[SourceMessage | _Swap | _Restate] = queue.Queue(maxsize=QUEUE_BLOCKS)
         self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
         self._runtimes: dict[str, StreamRuntime] = {}
         self._sources: dict[str, Source] = {}
@@ -93,7 +98,8 @@ class Pipeline:
         self.config: DaemonConfig | None = None
         self.heartbeat = time.monotonic()
         self.windows_scored = 0
-        self.blocks_dropped = 0
+        self.blocks_dropped = 0  # capture blocks lost because the worker could not keep up
+        self.blocks_discarded = 0  # queued audio given up at shutdown
 
     # ---- building ----------------------------------------------------------------------------------
 
@@ -141,6 +147,7 @@ class Pipeline:
         models = self._models(config)
         self.config = config
         self._runtimes = {s.name: self._runtime(s, models[s.bundle], config) for s in config.streams}
+        self._queue.put(_Restate())
         self._thread.start()
         for key, members in self._group(config).items():
             self._start_source(key, members, config)
@@ -186,24 +193,20 @@ class Pipeline:
         self.config = config
         return changes
 
-    def stop(self, timeout: float = 3.0) -> None:
-        """Stop sources, let the worker close open events, and wait for it."""
+    def stop(self, timeout: float = 3.0) -> bool:
+        """Stop sources, let the worker close open events, and wait for it; True if it stopped."""
         self._stopping.set()
         deadline = time.monotonic() + timeout
         for source in self._sources.values():
-            source.stop(max(0.1, deadline - time.monotonic()) / 2)
-        self._put_control(_Stop(), deadline)
-        self._thread.join(max(0.1, deadline - time.monotonic()))
+            source.stop(min(0.5, max(0.05, (deadline - time.monotonic()) / 4)))
+        if self._thread.is_alive():
+            self._thread.join(max(0.1, deadline - time.monotonic()))
         if self._thread.is_alive():
             logger.error("worker did not stop within %.1f s", timeout)
-
-    def _put_control(self, item: _Stop, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            try:
-                self._queue.put(item, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+            return False
+        if self.blocks_discarded:
+            logger.warning("stopping: %d queued audio block(s) discarded unscored", self.blocks_discarded)
+        return True
 
     # ---- input ---------------------------------------------------------------------------------------
 
@@ -230,6 +233,10 @@ class Pipeline:
     def streams(self) -> list[StreamRuntime]:
         return list(self._runtimes.values())
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def all_ended(self) -> bool:
         """Whether every stream's source has reached its end (only replayed files do)."""
         runtimes = self.streams()
@@ -239,30 +246,45 @@ class Pipeline:
         stop_deadline: float | None = None
         while True:
             self.heartbeat = time.monotonic()
+            if stop_deadline is None and self._stopping.is_set():
+                stop_deadline = time.monotonic() + STOP_DRAIN_S
+            if stop_deadline is not None and time.monotonic() > stop_deadline:
+                break
             try:
-                item = self._queue.get(timeout=0.25)
+                item = self._queue.get(timeout=0.1 if stop_deadline else 0.25)
             except queue.Empty:
                 if stop_deadline is not None:
                     break
                 continue
-            if isinstance(item, _Stop):
-                stop_deadline = time.monotonic() + STOP_DRAIN_S
-                continue
-            if stop_deadline is not None and time.monotonic() > stop_deadline:
-                break
             self._handle(item)
             # Score once every stream has about a window waiting (or nothing else is queued): batches
             # span the streams, and no stream's audio runs more than a block ahead of its scores.
             if self._queue.empty() or len(self._pending) >= min(self._max_batch(), len(self._runtimes)):
                 self._score_pending()
+        self._discard_queued()
         self._score_pending()
         for runtime in self._runtimes.values():
             self._emit(runtime.finish(reason="shutdown"))
 
+    def _discard_queued(self) -> None:
+        """At the stop deadline: audio still queued is given up (counted), never scored later."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, AudioBlock):
+                self.blocks_discarded += 1
+            elif isinstance(item, _Swap):
+                item.done.set()
+
     def _max_batch(self) -> int:
         return self.config.inference.max_batch if self.config else 64
 
-    def _handle(self, item: SourceMessage | _Swap) -> None:
+    def _handle(self, item: SourceMessage | _Swap | _Restate) -> None:
+        if isinstance(item, _Restate):
+            self._restate(self._runtimes.values())
+            return
         if isinstance(item, _Swap):
             self._score_pending()
             for name in item.remove:
@@ -271,6 +293,7 @@ class Pipeline:
                     self._emit(runtime.finish(reason="reconfigured"))
             for runtime in item.add:
                 self._runtimes[runtime.name] = runtime
+            self._restate(self._runtimes.values())
             item.done.set()
             return
         runtime = self._runtimes.get(item.stream)
@@ -286,6 +309,16 @@ class Pipeline:
                 self._pending += [(runtime, w) for w in runtime.drain()]
                 self._score_pending()
             self._emit(runtime.notice(item))
+
+    def _restate(self, runtimes: Iterable[StreamRuntime]) -> None:
+        """Every stream's alarm state and known source health, again: subscribers that missed a change
+        (a crash, a retained message cleared, a reload) see the truth, never a stale `ON` or `unknown`."""
+        now = utc_now()
+        for runtime in runtimes:
+            self._sink.put(AlarmState(runtime.name, runtime.event_open, now))
+            if runtime.health.state is not None:
+                self._sink.put(SourceStatus(runtime.node, runtime.name, runtime.health.state,
+                                            runtime.health.detail, now))  # fmt: skip
 
     def _score_pending(self) -> None:
         """Score all pending windows: one ONNX Runtime call per model per batch."""
@@ -314,7 +347,9 @@ class Pipeline:
         for name, runtime in runtimes.items():
             if now >= self._next_report.get(name, 0.0) and not np.isnan(runtime.last_score):
                 self._next_report[name] = now + self._score_interval
-                self._sink.put(ScoreReport(name, runtime.last_score, runtime.threshold, utc_now()))
+                at = utc_now()
+                lag = runtime.lag_seconds(at)
+                self._sink.put(ScoreReport(name, runtime.last_score, runtime.threshold, at, lag or 0.0))
 
     def _emit(self, out: Output) -> None:
         for event in out.events:

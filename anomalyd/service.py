@@ -4,8 +4,13 @@ Start in order (config, event store, bundles and worker, sources), stop in rever
 stop: sources first, then the worker closes open events, then the store writes what is queued and
 closes the database, all within a few seconds. SIGHUP reloads: the new config and its bundles are
 checked first; if anything is wrong, the old configuration keeps running and one log line says why.
-Under systemd: READY=1 once the streams run, STATUS= with a summary, WATCHDOG=1 only while both the
-worker and the store's writer are making progress.
+Under systemd: READY=1 once the streams run, STATUS= with a summary, WATCHDOG=1 only while the worker,
+the store's writer and the MQTT thread are making progress (a broker outage is not a stall: the MQTT
+thread keeps beating while it waits, and the link state is reported instead).
+
+No thread may die quietly and leave a half-alive daemon: an unexpected exception in any thread is logged
+once with its traceback, the daemon stops what still runs in order and exits with status 2, and systemd
+(Restart=on-failure) starts it afresh; events left open are then ended publicly as `interrupted`.
 """
 
 from __future__ import annotations
@@ -15,23 +20,26 @@ import os
 import signal
 import threading
 import time
-from collections import Counter
 from pathlib import Path
 from types import FrameType
 
-from anomalyd.config import DaemonConfig, load_config
+from anomalyd.config import DaemonConfig, config_warnings, load_config
 from anomalyd.contract import Topics
 from anomalyd.errors import AnomalydError
 from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
+from anomalyd.records import utc_now
 from anomalyd.sources.mic import MicIO
+from anomalyd.status import LagWatch, Snapshot, summary, take_snapshot
 from anomalyd.store import Mutes, Outbox, StoreWriter
 
 logger = logging.getLogger(__name__)
 
 STATUS_INTERVAL_S = 5.0  # how often STATUS= is refreshed
 STOP_TIMEOUT_S = 4.0  # the whole shutdown fits in systemd's and the ops team's 5 s
+EXIT_OK = 0
+EXIT_ERROR = 2  # bad config, cannot start, or a thread died: systemd restarts on any non-zero status
 
 
 def configure_logging(level: str) -> None:
@@ -50,6 +58,21 @@ class Daemon:
         self._wakeup = threading.Event()  # set by signal handlers so the main loop reacts at once
         self._publisher: Publisher | None = None
         self._notifier = Notifier()
+        self._fatal: str | None = None  # the thread whose unexpected death stops the daemon
+        self._lag = LagWatch()
+
+    def _on_thread_death(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook: any thread's unexpected exception is fatal, never a silent dead thread."""
+        name = args.thread.name if args.thread is not None else "?"
+        if self._fatal is None:
+            self._fatal = name
+            logger.critical(
+                "thread %s died unexpectedly; stopping (systemd restarts the daemon)",
+                name,
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+            )
+        self._stop.set()
+        self._wakeup.set()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if signum == signal.SIGHUP:
@@ -64,8 +87,18 @@ class Daemon:
         except AnomalydError as exc:
             logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
             logger.error("%s", exc)
-            return 1
+            return EXIT_ERROR
         configure_logging(config.log_level)
+        for warning in config_warnings(config):
+            logger.warning("%s", warning)
+        previous_hook = threading.excepthook
+        threading.excepthook = self._on_thread_death
+        try:
+            return self._run(config)
+        finally:
+            threading.excepthook = previous_hook
+
+    def _run(self, config: DaemonConfig) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
         mutes = Mutes()
@@ -79,7 +112,7 @@ class Daemon:
             publisher = self._make_publisher(config, store, mutes)
         except AnomalydError as exc:
             logger.error("cannot start: %s", exc)
-            return 1
+            return EXIT_ERROR
         store.start()
         if publisher is not None:
             publisher.start()
@@ -92,7 +125,7 @@ class Daemon:
             if publisher is not None:
                 publisher.stop()
             store.stop(STOP_TIMEOUT_S)
-            return 1
+            return EXIT_ERROR
         self._publisher = publisher
         logger.info(
             "anomalyd running on node %s: %d stream(s), events in %s",
@@ -102,14 +135,20 @@ class Daemon:
         self._serve(pipeline, store)
         self._notifier.stopping()
         started = time.monotonic()
-        pipeline.stop(STOP_TIMEOUT_S * 0.5)
+        stopped = pipeline.stop(STOP_TIMEOUT_S * 0.5)
         if publisher is not None:
             store.flush(0.5)  # the closing events reach the outbox, and get a moment to go out
             publisher.drain(0.5)
             publisher.stop(0.8)
         store.stop(max(0.5, STOP_TIMEOUT_S - (time.monotonic() - started)))
         logger.info("stopped in %.2f s", time.monotonic() - started)
-        return 0
+        status = EXIT_ERROR if self._fatal is not None else EXIT_OK
+        if not stopped:
+            # A worker still inside ONNX Runtime would abort the interpreter's exit (SIGABRT) and turn a
+            # clean stop into a crash report; everything that can be saved has been.
+            logging.shutdown()
+            os._exit(status)
+        return status
 
     @staticmethod
     def _make_publisher(config: DaemonConfig, store: StoreWriter, mutes: Mutes) -> Publisher | None:
@@ -139,6 +178,7 @@ class Daemon:
             if self._reload.is_set():
                 self._reload.clear()
                 self._apply_reload(pipeline)
+            self._lag.update(self._snapshot(pipeline))
             now = time.monotonic()
             stale = max(2.0, watchdog or 0.0)
             beats = [pipeline.heartbeat, store.heartbeat]
@@ -173,16 +213,19 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no stream changed")
         self._notifier.ready(self._summary(pipeline))
 
-    def _summary(self, pipeline: Pipeline) -> str:
-        streams = pipeline.streams()
-        states = Counter(r.health.state.value for r in streams)
-        open_events = sum(r.event_open for r in streams)
-        health = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
-        mqtt = "" if self._publisher is None else f"MQTT {self._publisher.state.value}; "
-        return (
-            f"{len(streams)} stream(s): {health}; {open_events} open event(s); {mqtt}"
-            f"{pipeline.windows_scored} windows scored"
+    def _snapshot(self, pipeline: Pipeline) -> Snapshot:
+        assert pipeline.config is not None
+        return take_snapshot(
+            pipeline.streams(),
+            now=utc_now(),
+            max_lag_seconds=pipeline.config.inference.max_lag_seconds,
+            windows_scored=pipeline.windows_scored,
+            blocks_dropped=pipeline.blocks_dropped,
+            mqtt=None if self._publisher is None else self._publisher.state.value,
         )
+
+    def _summary(self, pipeline: Pipeline) -> str:
+        return summary(self._snapshot(pipeline))
 
 
 def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
@@ -190,7 +233,7 @@ def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
     fixed = []
     if old.storage.model_copy(update={"clips": new.storage.clips}) != new.storage:
         fixed.append("[storage]")
-    if old.inference != new.inference:
+    if old.inference.model_copy(update={"max_lag_seconds": new.inference.max_lag_seconds}) != new.inference:
         fixed.append("[inference]")
     if old.node != new.node:
         fixed.append("node")

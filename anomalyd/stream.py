@@ -20,7 +20,7 @@ from anomalyd.clips import ClipRecorder
 from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
 from anomalyd.features import LogMel
-from anomalyd.health import HealthMonitor
+from anomalyd.health import HealthMonitor, sanitise
 from anomalyd.inference import Autoencoder
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceNotice
@@ -100,7 +100,11 @@ class StreamRuntime:
         self._event_started_at: dt.datetime | None = None
         self.last_score = math.nan
         self.windows_scored = 0
-        self.windows_silent = 0
+        self.windows_silent = 0  # not scored: digital silence (a dropout) in some part of them
+        self.windows_nonfinite = 0  # not compared: the model gave a NaN or infinite score
+        self.samples_invalid = 0  # NaN, infinite or absurd samples, zeroed on entry
+        # Audio time (UTC) of the end of the last window the worker has scored: lag is now minus this.
+        self.scored_until: dt.datetime | None = None
 
     @property
     def name(self) -> str:
@@ -114,14 +118,25 @@ class StreamRuntime:
         anchor_sample, anchor_time = self._anchor or (0, utc_now())
         return anchor_time + dt.timedelta(seconds=(sample - anchor_sample) / self.model.rate)
 
+    def lag_seconds(self, now: dt.datetime) -> float | None:
+        """How far the scores trail the audio: now minus the audio time of the last scored window's end.
+
+        None while nothing is being captured (lost, ended, not yet opened): that is a health matter.
+        """
+        if self.scored_until is None or self.health.state in (None, SourceState.LOST, SourceState.ENDED):
+            return None
+        return (now - self.scored_until).total_seconds()
+
     def feed(self, block: AudioBlock) -> Output:
         out = Output()
-        change = self.health.observe(block.samples, block.rate)
+        samples, invalid = sanitise(block.samples)
+        self.samples_invalid += invalid
+        change = self.health.observe(samples, block.rate, invalid)
         if change:
             out.statuses.append(self._status(*change))
         if self._resampler is None or self._resampler.in_rate != block.rate:
             self._resampler = Resampler(block.rate, self.model.rate)
-        samples = self._resampler(block.samples)
+        samples = self._resampler(samples)
         first = self.windows.samples_in
         if self._reanchor:
             # The block's last sample was captured about now; sample counts carry time from here on.
@@ -156,9 +171,22 @@ class StreamRuntime:
     def scored(self, window: Window, score: float) -> Output:
         """The inference worker scored one of this stream's windows."""
         out = Output()
-        if window.level_dbfs < self.health.config.silence_dbfs:
-            # Digital silence from a dead microphone reconstructs badly: a health matter, not an anomaly.
+        self.scored_until = self.time_at(window.end_sample)
+        if window.quietest_dbfs < self.health.config.silence_dbfs:
+            # Digital silence anywhere in a window (a dead microphone, a dropout and its edges)
+            # reconstructs badly: a health matter, reported by the source's state, not an anomaly.
             self.windows_silent += 1
+            return out
+        if not math.isfinite(score):
+            # Inputs are sanitised, so only a broken model gets here; a NaN compares as "not over the
+            # threshold" and would hide a fault, so it is counted and reported, never compared.
+            self.windows_nonfinite += 1
+            if self.windows_nonfinite in (1, 10, 100) or self.windows_nonfinite % 1000 == 0:
+                logger.error(
+                    "stream %s: the model gave %d non-finite score(s); they are not compared with the "
+                    "threshold (model %s)",
+                    self.name, self.windows_nonfinite, self.model.bundle.meta.model_id,
+                )  # fmt: skip
             return out
         self.windows_scored += 1
         self.last_score = score

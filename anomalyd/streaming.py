@@ -26,6 +26,7 @@ class Window:
     end_sample: int  # one past the last sample
     values: npt.NDArray[np.float32]  # (n_mels, n_frames), normalised
     level_dbfs: float  # RMS of the window's audio (its first n_frames * hop samples)
+    quietest_dbfs: float  # RMS of its quietest hop of audio: digital silence anywhere in it shows here
 
 
 class Resampler:
@@ -80,7 +81,8 @@ class StreamingWindows:
             if offset + g.n_frames > self._frames.shape[1]:
                 break
             values = self._frames[:, offset : offset + g.n_frames]
-            energy = float(self._energy[offset : offset + g.n_frames].sum()) / (g.n_frames * p.hop_length)
+            frame_energy = self._energy[offset : offset + g.n_frames]
+            energy = float(frame_energy.sum()) / (g.n_frames * p.hop_length)
             start_sample = start_frame * p.hop_length
             windows.append(
                 Window(
@@ -89,6 +91,7 @@ class StreamingWindows:
                     end_sample=start_sample + p.n_samples(g.n_frames),
                     values=self.normalisation.apply(values[None])[0],
                     level_dbfs=dbfs(energy),
+                    quietest_dbfs=dbfs(float(frame_energy.min()) / p.hop_length),
                 )
             )
             self._next_window += 1

@@ -69,7 +69,8 @@ def test_normal_audio_gives_no_event(bundle_dir: Path, tmp_path: Path) -> None:
     assert daemon.wait_exit(60) == 0, daemon.log
     assert read_events(tmp_path / "events.db") == []
     conn = sqlite3.connect(tmp_path / "events.db")
-    assert conn.execute("SELECT state FROM source_status").fetchall() == [("ended",)]
+    # The first state is always told (no "unknown" for a healthy machine), then the end of the file.
+    assert conn.execute("SELECT state FROM source_status").fetchall() == [("ok",), ("ended",)]
 
 
 def test_sigterm_closes_the_open_event_and_leaves_the_database_consistent(
@@ -156,7 +157,7 @@ def test_bad_bundle_at_start_is_a_clear_fatal_error(tmp_path: Path) -> None:
     recording = write_recording(tmp_path / "fan.wav", "normal", 5.0)
     config = write_config(tmp_path / "d.toml", tmp_path / "nowhere", {"fan": {"path": recording}})
     daemon = DaemonProcess(config)
-    assert daemon.wait_exit(30) == 1
+    assert daemon.wait_exit(30) == 2
     assert "cannot start: stream fan:" in daemon.log
     assert "no such bundle directory" in daemon.log
     assert "Traceback" not in daemon.log

@@ -57,6 +57,12 @@ def test_window_level_reports_silence() -> None:
     windows = streamer.push(np.concatenate([tone, np.zeros(48_000, np.float32)]))
     assert windows[0].level_dbfs == pytest.approx(10 * np.log10(0.125), abs=0.1)  # sine RMS 0.5/sqrt(2)
     assert windows[-1].level_dbfs < -150
+    straddling = [w for w in windows if w.start_sample < 48_000 < w.end_sample]
+    assert straddling
+    for window in straddling:  # loud on average, but holding digital silence
+        assert window.level_dbfs > -20
+        assert window.quietest_dbfs < -150
+    assert windows[0].quietest_dbfs == pytest.approx(windows[0].level_dbfs, abs=0.5)
 
 
 @pytest.mark.slow

@@ -1,0 +1,127 @@
+"""What the daemon says about itself: one snapshot, read by systemd's STATUS line, the log and MQTT.
+
+The main thread takes a snapshot every tick from the pipeline's streams (read-only: the worker owns
+them), notices streams whose scores trail their audio by more than `inference.max_lag_seconds`, and
+renders the snapshot as the STATUS summary and as the node's retained diagnostics message.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+
+from anomalyd.records import iso
+from anomalyd.stream import StreamRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamView:
+    name: str
+    source: str  # ok / silent / clipping / lost / ended / invalid / unknown (not yet opened)
+    event_open: bool
+    lag_seconds: float | None  # None while nothing is captured
+    lagging: bool
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    at: dt.datetime
+    streams: tuple[StreamView, ...]
+    windows_scored: int
+    blocks_dropped: int
+    max_lag_seconds: float
+    mqtt: str | None = None  # link state, None without MQTT
+
+    @property
+    def lagging(self) -> list[StreamView]:
+        return [s for s in self.streams if s.lagging]
+
+
+def take_snapshot(
+    runtimes: list[StreamRuntime],
+    *,
+    now: dt.datetime,
+    max_lag_seconds: float,
+    windows_scored: int,
+    blocks_dropped: int,
+    mqtt: str | None,
+) -> Snapshot:
+    views = []
+    for runtime in runtimes:
+        lag = runtime.lag_seconds(now)
+        state = runtime.health.state
+        views.append(
+            StreamView(
+                name=runtime.name,
+                source=state.value if state is not None else "unknown",
+                event_open=runtime.event_open,
+                lag_seconds=lag,
+                lagging=lag is not None and lag > max_lag_seconds,
+            )
+        )
+    return Snapshot(now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, mqtt)
+
+
+def summary(snapshot: Snapshot) -> str:
+    """systemd's STATUS= line: short, but everything an operator checks first."""
+    states = Counter(s.source for s in snapshot.streams)
+    health = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    open_events = sum(s.event_open for s in snapshot.streams)
+    parts = [f"{len(snapshot.streams)} stream(s): {health}", f"{open_events} open event(s)"]
+    lagging = snapshot.lagging
+    if lagging:
+        worst = max(s.lag_seconds or 0.0 for s in lagging)
+        parts.append(f"{len(lagging)} lagging (up to {worst:.1f} s behind)")
+    if snapshot.mqtt is not None:
+        parts.append(f"MQTT {snapshot.mqtt}")
+    if snapshot.blocks_dropped:
+        parts.append(f"{snapshot.blocks_dropped} audio blocks dropped")
+    parts.append(f"{snapshot.windows_scored} windows scored")
+    return "; ".join(parts)
+
+
+def diagnostics_payload(snapshot: Snapshot, node: str) -> dict[str, object]:
+    """The node's retained diagnostics message (schemas/diagnostics.json), without its time stamp."""
+    return {
+        "node": node,
+        "mqtt": snapshot.mqtt,
+        "blocks_dropped": snapshot.blocks_dropped,
+        "max_lag_seconds": snapshot.max_lag_seconds,
+        "streams": {
+            s.name: {
+                "source": s.source,
+                "event_open": s.event_open,
+                "lag_seconds": None if s.lag_seconds is None else round(s.lag_seconds, 1),
+                "lagging": s.lagging,
+            }
+            for s in snapshot.streams
+        },
+    }
+
+
+def stamped(payload: dict[str, object], at: dt.datetime) -> str:
+    return json.dumps({**payload, "at": iso(at)})
+
+
+class LagWatch:
+    """Logs a warning when a stream starts lagging, and when it has caught up again."""
+
+    def __init__(self) -> None:
+        self._lagging: set[str] = set()
+
+    def update(self, snapshot: Snapshot) -> None:
+        now_lagging = {s.name: s for s in snapshot.lagging}
+        for name, view in now_lagging.items():
+            if name not in self._lagging:
+                logger.warning(
+                    "stream %s: scores trail the audio by %.1f s (limit %.1f s): the box cannot keep up",
+                    name, view.lag_seconds or 0.0, snapshot.max_lag_seconds,
+                )  # fmt: skip
+        for name in self._lagging - set(now_lagging):
+            logger.info("stream %s: caught up (lag below %.1f s)", name, snapshot.max_lag_seconds)
+        self._lagging = set(now_lagging)
