@@ -6,7 +6,9 @@ Measures, on one thread: log-mel cost per second of audio, ONNX Runtime cost per
 batches, the streams one core could score in real time, and the start-up cost (import + bundle load) and
 peak memory of a fresh process that scores one clip. Then the whole daemon pipeline (worker, detectors,
 event store) on `--streams` files replayed as fast as it takes them: how many seconds of audio it gets
-through per second, i.e. how many real-time streams its one worker thread could carry.
+through per second, i.e. how many real-time streams its one worker thread could carry. Then two figures
+of behaviour under overload: how long a stop takes with 256 fast streams and a full queue, and how far
+scores trail the audio (the lag the daemon reports) with more real-time streams than the box can score.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import soundfile as sf
 from anomalyd.bundle import load_bundle
 from anomalyd.config import parse_config
 from anomalyd.pipeline import Pipeline
+from anomalyd.records import utc_now
 from anomalyd.scoring import ClipScorer
+from anomalyd.status import take_snapshot
 from anomalyd.store import StoreWriter
 
 _STARTUP_PROBE = """
@@ -53,34 +57,74 @@ def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
     return min(times)
 
 
+def _replays(folder: Path, bundle: Path, streams: int, seconds: float, *, realtime: bool, loop: bool) -> str:
+    """A config of `streams` file replays of noise (one file shared by all of them)."""
+    rate = load_bundle(bundle).meta.features.sample_rate
+    audio = (0.05 * np.random.default_rng(1).standard_normal(int(seconds * rate))).astype(np.float32)
+    sf.write(folder / "noise.wav", audio, rate, subtype="PCM_16")
+    text = "[storage]\n[storage.clips]\nenabled = false\n"
+    for i in range(streams):
+        text += (
+            f'[[streams]]\nname = "s{i}"\nbundle = "{bundle.resolve()}"\n[streams.source]\ntype = "file"\n'
+        )
+        text += f'path = "noise.wav"\nrealtime = {str(realtime).lower()}\nloop = {str(loop).lower()}\n'
+    return text
+
+
+def _running(folder: Path, text: str) -> tuple[Pipeline, StoreWriter]:
+    config = parse_config(text, "bench", folder)
+    # Random noise is far from any machine: every stream raises events; their log lines are not news.
+    logging.getLogger("anomalyd").setLevel(logging.CRITICAL)
+    store = StoreWriter(config.storage)
+    store.start()
+    pipeline = Pipeline(store)
+    pipeline.start(config)
+    return pipeline, store
+
+
 def pipeline_throughput(bundle: Path, streams: int, seconds: float) -> float:
     """Seconds of audio the daemon's pipeline processes per wall-clock second, over `streams` replays."""
-    rate = load_bundle(bundle).meta.features.sample_rate
-    rng = np.random.default_rng(1)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        text = "[storage]\n[storage.clips]\nenabled = false\n"
-        for i in range(streams):
-            audio = (0.05 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
-            sf.write(folder / f"s{i}.wav", audio, rate, subtype="PCM_16")
-            text += f'[[streams]]\nname = "s{i}"\nbundle = "{bundle.resolve()}"\n'
-            text += (
-                f'[streams.source]\ntype = "file"\npath = "s{i}.wav"\nrealtime = false\nblock_seconds = 0.1\n'
-            )
-        config = parse_config(text, "bench", folder)
-        # Random noise is far from any machine: every stream raises events; their log lines are not news.
-        logging.getLogger("anomalyd").setLevel(logging.ERROR)
-        store = StoreWriter(config.storage)
-        store.start()
-        pipeline = Pipeline(store)
+        text = _replays(folder, bundle, streams, seconds, realtime=False, loop=False)
         started = time.perf_counter()
-        pipeline.start(config)
+        pipeline, store = _running(folder, text)
         while not pipeline.all_ended():
             time.sleep(0.01)
         elapsed = time.perf_counter() - started
         pipeline.stop()
         store.stop(5.0)
     return streams * seconds / elapsed
+
+
+def stop_under_load(bundle: Path, streams: int = 256) -> tuple[float, int]:
+    """(seconds, blocks discarded) to stop with `streams` fast replays and a full queue."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        pipeline, store = _running(folder, _replays(folder, bundle, streams, 10.0, realtime=False, loop=True))
+        time.sleep(5.0)
+        started = time.perf_counter()
+        pipeline.stop(2.0)
+        store.stop(2.0)
+        return time.perf_counter() - started, pipeline.blocks_discarded
+
+
+def lag_under_overload(bundle: Path, streams: int, seconds: float = 20.0) -> tuple[float, int]:
+    """(largest lag in seconds, streams flagged lagging) after `seconds` of `streams` real-time replays."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        text = _replays(folder, bundle, streams, 30.0, realtime=True, loop=True)
+        pipeline, store = _running(folder, text)
+        time.sleep(seconds)
+        assert pipeline.config is not None
+        snapshot = take_snapshot(
+            pipeline.streams(), now=utc_now(), max_lag_seconds=pipeline.config.inference.max_lag_seconds,
+            windows_scored=pipeline.windows_scored, blocks_dropped=pipeline.blocks_dropped, mqtt=None,
+        )  # fmt: skip
+        pipeline.stop(2.0)
+        store.stop(2.0)
+    lags = [s.lag_seconds for s in snapshot.streams if s.lag_seconds is not None]
+    return max(lags, default=0.0), len(snapshot.lagging)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     startup_s, rss_mb, torch_loaded = probe.stdout.split()
     throughput = pipeline_throughput(args.bundle, args.streams, args.seconds)
     pipeline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    stop_s, discarded = stop_under_load(args.bundle)
+    overload = min(512, max(16, int(1.5 * throughput)))
+    max_lag, lagging = lag_under_overload(args.bundle, overload)
 
     rows = [
         ("log-mel, per second of audio", f"{feature_s * 1e3:.3f} ms"),
@@ -121,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         ("torch imported by the runtime", torch_loaded),
         (f"pipeline ({args.streams} replays): audio seconds per second", f"{throughput:.0f}"),
         ("peak RSS of the benchmark with the pipeline", f"{pipeline_rss:.0f} MB"),
+        ("stop with 256 fast streams and a full queue", f"{stop_s:.2f} s ({discarded} blocks discarded)"),
+        (f"lag after 20 s of {overload} real-time streams", f"{max_lag:.1f} s ({lagging} flagged lagging)"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"model {bundle.meta.model_id}, 1 thread")
