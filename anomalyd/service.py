@@ -132,7 +132,11 @@ class Daemon:
             config.node_id, len(config.streams), config.storage.database,
         )  # fmt: skip
         self._notifier.ready(self._summary(pipeline))
-        self._serve(pipeline, store)
+        try:
+            self._serve(pipeline, store)
+        except Exception:  # the main loop too: stop in order rather than leave the threads behind
+            logger.critical("the main loop failed; stopping (systemd restarts the daemon)", exc_info=True)
+            self._fatal = self._fatal or "main"
         self._notifier.stopping()
         started = time.monotonic()
         stopped = pipeline.stop(STOP_TIMEOUT_S * 0.5)
@@ -208,6 +212,8 @@ class Daemon:
                 self._publisher.set_streams([s.name for s in config.streams])
         except AnomalydError as exc:
             logger.error("reload refused, the running configuration stays: %s", str(exc).replace("\n", "; "))
+        except Exception:  # a reload must never take monitoring down: the running configuration stays
+            logger.exception("reload failed unexpectedly, the running configuration stays")
         else:
             configure_logging(config.log_level)
             logger.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no stream changed")
