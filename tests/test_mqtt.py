@@ -221,7 +221,7 @@ def test_a_full_outbox_drops_scores_first_and_events_last(tmp_path: Path) -> Non
     for n in range(70):
         store.write(event(n, "update"))  # event messages only (updates carry no state)
     store.write(ScoreReport("s0", 0.3, 0.2, utc_now()))  # replaces the undelivered score of s0
-    assert outbox.dropped == {"score": 0, "source": 0, "state": 0, "discovery": 0, "event": 0}
+    assert outbox.dropped == {"score": 0, "source": 0, "state": 0, "mute": 0, "discovery": 0, "event": 0}
     for n in range(70, 110):
         store.write(event(n, "update"))
     count = store.db.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
