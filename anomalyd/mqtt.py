@@ -170,7 +170,7 @@ class Publisher:
         self._diagnostics_sent: str | None = None
         self._callback_failed: set[str] = set()
         self._callback_log = Throttle(60.0)
-        self._command_log = Throttle(1.0)
+        self._command_log = Throttle(60.0, burst=20)  # a flood of bad commands is not a flood of lines
         self._read_log = Throttle(60.0)
 
     # ---- lifecycle and what the service reads -------------------------------------------------------

@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 # What an outbox gives up first when full; events only when nothing else is left.
 DROP_ORDER = ("score", "source", "state", "mute", "discovery", "event")
 # Kinds where only the newest undelivered message of a topic matters (retained state, latest score).
-SUPERSEDED_KINDS = ("score", "source", "state", "mute")
+# Mute acknowledgements are not among them: each command gets its own answer.
+SUPERSEDED_KINDS = ("score", "source", "state")
 MEMORY_MESSAGES = 10_000  # messages kept in memory while the event log cannot be written
 FULL_LOG_INTERVAL_S = 60.0
 
