@@ -191,6 +191,7 @@ class StoreWriter:
         self._backlog = Backlog()
         self._undeleted: set[int] = set()  # acknowledged outbox ids not deleted yet
         self._failure = ""  # why the event log cannot be written; "" while it can
+        self._announced = False  # the current failure was logged (so its end is too)
         self._failing_since = 0.0
         self._next_retry = 0.0
         self._warn = Throttle(WARN_INTERVAL_S)
@@ -276,6 +277,7 @@ class StoreWriter:
         if self._failure and now >= self._next_retry:
             self._catch_up()
         if self._failure and self._warn.ready():
+            self._announced = True
             self._warn_failing()
         if now >= self._next_mute_check:
             self._next_mute_check = now + TICK_S
@@ -406,7 +408,8 @@ class StoreWriter:
         self._failure = " ".join(describe(exc, self.config.database).split())
         self._failing_since = time.monotonic()
         self._next_retry = self._failing_since + RETRY_INTERVAL_S
-        if self._warn.ready():
+        self._announced = self._warn.ready()
+        if self._announced:
             logger.warning(
                 "event log %s cannot be written (%s): keeping its rows in memory (at most %d), sending "
                 "alerts from memory, not saving clips; retrying every %.0f s",
@@ -448,12 +451,11 @@ class StoreWriter:
                 memory.remove({p.seq for p in pending})
             self._undeleted.difference_update(deletes)
             written += len(rows)
-        took = time.monotonic() - self._failing_since
-        log = logger.warning if written else logger.info
-        log(
-            "event log writable again after %.0f s: %d row(s) written from memory, %d dropped",
-            took, written, self._backlog.total_dropped,
-        )  # fmt: skip
+        if self._announced:  # a failure that flaps is said once a minute, and so is its end
+            logger.warning(
+                "event log writable again after %.0f s: %d row(s) written from memory, %d dropped so far",
+                time.monotonic() - self._failing_since, written, self._backlog.total_dropped,
+            )  # fmt: skip
         self._failure = ""
 
     # ---- upkeep -------------------------------------------------------------------------------------
