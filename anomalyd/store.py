@@ -178,7 +178,7 @@ class StoreWriter:
         except (OSError, sqlite3.Error) as exc:
             self.db.close()
             raise StoreError(
-                f"{config.database}: cannot close the events left open: {describe(exc, config.database)}"
+                f"{config.database}: cannot write to the event database: {describe(exc, config.database)}"
             ) from exc
         if interrupted:
             logger.warning(
