@@ -6,8 +6,10 @@
     <prefix>/<node>/<stream>/event     QoS 1     JSON: start / update / end of an event (schemas/event.json)
     <prefix>/<node>/<stream>/score     QoS 0     JSON: the latest window score, periodically
     <prefix>/<node>/<stream>/source    retained  JSON: source health (ok / silent / clipping / lost / ended)
-    <prefix>/<node>/<stream>/mute/set  command   seconds to mute the stream's alerts; 0 or "off" unmutes
-    <prefix>/<node>/<stream>/mute      retained  JSON: the mute state, acknowledging each command
+    <prefix>/<node>/<stream>/mute/set  command   seconds to mute the stream's new alerts (0 to 604800, plain
+                                                 decimal); 0 or "off" unmutes; anything else is refused
+    <prefix>/<node>/<stream>/mute      retained  JSON: the mute state, acknowledging each command (also a
+                                                 refused one) and each mute's expiry
 
 Every JSON payload has a JSON Schema in anomalyd/schemas/; tests validate published messages against them.
 """
@@ -67,17 +69,17 @@ class Message:
     payload: str
     qos: int
     retain: bool
-    kind: str  # event | state | source | score: the outbox drops scores first, events last
+    kind: str  # event | state | source | score | mute | discovery: the outbox drops scores first, events last
     event_id: str | None = None
 
 
-def event_message(topics: Topics, event: AnomalyEvent) -> Message:
+def event_message(topics: Topics, event: AnomalyEvent, replayed: bool = False) -> Message:
     payload = {
         **event.shared_fields(),
         "type": event.type,
         "reason": event.reason or None,
         "sent_at": iso(event.at),
-        "replayed": False,
+        "replayed": replayed,
     }
     return Message(
         topics.stream(event.stream, "event"), json.dumps(payload), 1, False, "event", event.event_id
@@ -85,8 +87,11 @@ def event_message(topics: Topics, event: AnomalyEvent) -> Message:
 
 
 def state_message(topics: Topics, event: AnomalyEvent) -> Message:
-    state = "OFF" if event.type == "end" else "ON"
-    return Message(topics.stream(event.stream, "state"), state, 1, True, "state")
+    return on_off_message(topics, event.stream, event.type != "end")
+
+
+def on_off_message(topics: Topics, stream: str, on: bool) -> Message:
+    return Message(topics.stream(stream, "state"), "ON" if on else "OFF", 1, True, "state")
 
 
 def source_message(topics: Topics, status: SourceStatus) -> Message:
@@ -112,11 +117,34 @@ def score_message(topics: Topics, report: ScoreReport) -> Message:
 
 
 def alarm_state_message(topics: Topics, state: AlarmState) -> Message:
-    return Message(topics.stream(state.stream, "state"), "ON" if state.on else "OFF", 1, True, "state")
+    return on_off_message(topics, state.stream, state.on)
 
 
-def mute_payload(stream: str, until: dt.datetime | None, at: dt.datetime) -> str:
-    return json.dumps({"stream": stream, "muted": until is not None, "until": iso(until), "at": iso(at)})
+MUTE_REASONS = ("command", "expired", "restored")  # why the mute state is what it is
+
+
+def mute_payload(
+    stream: str, until: dt.datetime | None, at: dt.datetime, reason: str = "command", refused: str = ""
+) -> str:
+    """The mute state; `refused` (the short reason) when it answers a command that changed nothing."""
+    assert reason in MUTE_REASONS
+    return json.dumps(
+        {"stream": stream, "muted": until is not None, "until": iso(until), "at": iso(at),
+         "reason": reason, "refused": refused or None}
+    )  # fmt: skip
+
+
+def mute_message(
+    topics: Topics,
+    stream: str,
+    until: dt.datetime | None,
+    at: dt.datetime,
+    *,
+    reason: str = "command",
+    refused: str = "",
+) -> Message:
+    payload = mute_payload(stream, until, at, reason, refused)
+    return Message(topics.stream(stream, "mute"), payload, 1, True, "mute")
 
 
 def as_replayed(payload: str) -> str:

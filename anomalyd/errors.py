@@ -29,3 +29,11 @@ class IncompatibleBundleError(BundleError):
 
 class ConfigError(AnomalydError):
     """A configuration file or option that fails validation."""
+
+
+class StoreError(AnomalydError):
+    """The event database cannot be opened, created or migrated, or is from an incompatible version."""
+
+
+class CommandError(AnomalydError):
+    """An MQTT command payload that is refused; the message is the short reason sent back."""

@@ -3,8 +3,15 @@
 One thread owns the paho client and runs its network loop itself, so connection, reconnection (capped
 exponential back-off with jitter), publishing and acknowledgements happen in one place. A message leaves
 the outbox only when the broker has acknowledged it (PUBACK for QoS 1); after a reconnect or a restart
-the backlog goes out again in order, flagged `replayed`. The retained `status` is `online` while
+the backlog goes out again in order, flagged `replayed`. Messages whose rows could not be written (a
+full disk) wait in memory and go out after the table's. The retained `status` is `online` while
 connected and the broker publishes the Last Will, `offline`, if the daemon dies without saying goodbye.
+
+Nothing a broker or a client sends can stop this thread: every paho callback is guarded, command
+payloads are parsed strictly (anomalyd/mutes.py) and handed to the store's writer as records. The
+thread's heartbeat stays fresh through any outage: it waits in short slices, and while the last failure
+was the network's, it probes the broker's port every second so that delivery resumes as soon as the
+broker is back, whatever the back-off has grown to.
 """
 
 from __future__ import annotations
@@ -13,31 +20,42 @@ import contextlib
 import datetime as dt
 import logging
 import os
+import random
+import socket
 import sqlite3
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from anomalyd.config import MqttConfig
-from anomalyd.contract import Topics, as_replayed, discovery_messages, mute_payload
-from anomalyd.errors import ConfigError
+from anomalyd.contract import Topics, as_replayed, discovery_messages
+from anomalyd.errors import CommandError, ConfigError
+from anomalyd.mutes import MuteCommand, Mutes, parse_mute_command
+from anomalyd.outbox import Delivered, MemoryOutbox, Outbox, Pending
 from anomalyd.records import iso, utc_now
-from anomalyd.sources.base import Backoff
-from anomalyd.store import Delivered, Mutes
+from anomalyd.throttle import Throttle
 
 logger = logging.getLogger(__name__)
 
 INFLIGHT = 50  # messages published and not yet acknowledged
+CONNECT_TIMEOUT_S = 3.0  # TCP connect, and again the TLS handshake
 CONNACK_TIMEOUT_S = 10.0
+WAIT_SLICE_S = 0.25  # waits are cut into slices this long, the heartbeat renewed after each
+PROBE_INTERVAL_S = 1.0  # while the broker is unreachable, look at its port this often
+PROBE_TIMEOUT_S = 0.5
+MAX_BACKOFF_S = 3600.0
 HA_STATUS_TOPIC_LEAF = "status"  # Home Assistant announces itself on <discovery_prefix>/status
+RETAINED_REFUSAL = "retained command (publish it without -r)"
+SHOWN_CHARS = 40  # how much of a foreign payload or topic a log line shows
 
 
 def read_password(config: MqttConfig) -> str | None:
@@ -57,10 +75,44 @@ def read_password(config: MqttConfig) -> str | None:
     return None
 
 
+def shown(value: str | bytes | bytearray) -> str:
+    """A foreign topic or payload for a log line: escaped, cut short, its length said when cut."""
+    head = ascii(value[:SHOWN_CHARS])
+    return head if len(value) <= SHOWN_CHARS else f"{head}... ({len(value)} long)"
+
+
+def mute_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> MuteCommand:
+    """The record for the store's writer from a command message (refused ones say why)."""
+    if retain:  # a retained command would replay at every reconnect
+        return MuteCommand(stream, 0.0, at, RETAINED_REFUSAL)
+    try:
+        return MuteCommand(stream, parse_mute_command(payload), at)
+    except CommandError as exc:
+        return MuteCommand(stream, 0.0, at, str(exc))
+
+
 class LinkState(Enum):
     DISCONNECTED = "disconnected"
     CONNECTING = "connecting"
     CONNECTED = "connected"
+
+
+@dataclass(frozen=True)
+class LinkStatus:
+    """The broker link, for STATUS and diagnostics."""
+
+    state: LinkState
+    detail: str  # "connected to host:port" or the last connection failure
+    seconds: float  # how long it has been in this state
+
+
+class StoreSink(Protocol):
+    """The store's writer, as the publisher sees it: it takes acknowledgements and mute commands."""
+
+    @property
+    def outbox(self) -> Outbox | None: ...
+
+    def put(self, item: Delivered | MuteCommand) -> None: ...
 
 
 @dataclass
@@ -76,40 +128,77 @@ class _Row:
 
 class Publisher:
     def __init__(
-        self, config: MqttConfig, *, node: str, streams: list[str], database: Path, sink: Any, mutes: Mutes
+        self,
+        config: MqttConfig,
+        *,
+        node: str,
+        streams: list[str],
+        database: Path,
+        sink: StoreSink,
+        mutes: Mutes | None = None,  # unused: mutes are the store writer's (kept for callers)
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix, node)
         self.streams = streams
         self._database = database
-        self._sink = sink  # the store writer: Delivered(...) goes to it, the one writer of the database
-        self.mutes = mutes
+        self._sink = sink  # the store writer: Delivered(...) and MuteCommand(...) go to it
+        self._memory = sink.outbox.memory if sink.outbox is not None else MemoryOutbox()
         self._password = read_password(config)  # fails at start, not at the first connection
         self._stop = threading.Event()
-        self._backoff = Backoff(config.retry_initial_seconds, config.retry_max_seconds, self._stop)
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
         self.state = LinkState.DISCONNECTED
-        self.heartbeat = time.monotonic()
+        self._state_since = time.monotonic()
+        self._beat = time.monotonic()
+        self._bounded_until = 0.0  # inside a blocking call that returns by then
         self.delivered = 0
         self._client: mqtt.Client | None = None
         self._connected_at = ""  # ISO time of the current connection: older outbox rows are replays
         self._connack: ReasonCode | None = None
+        self._closed_early = False
         self._inflight: dict[int, int] = {}  # paho mid -> outbox id
         self._acked: list[int] = []
+        self._memory_inflight: dict[int, int] = {}  # paho mid -> in-memory message seq
+        self._memory_acked: list[int] = []
         self._sent_up_to = 0  # highest outbox id handed to paho on this connection
         self._done: set[int] = set()  # acknowledged ids the writer may not have deleted yet
         self._resend_discovery = False
+        self._delay = self._initial_delay()
+        self._fast_retry = False  # the last failure was the network's: probe the port while waiting
         self._last_failure = ""  # the last connection failure logged, so that a retry loop logs it once
+        self._lock = threading.Lock()
+        self._diagnostics: str | None = None
+        self._diagnostics_sent: str | None = None
+        self._callback_failed: set[str] = set()
+        self._callback_log = Throttle(60.0)
+        self._command_log = Throttle(60.0, burst=20)  # a flood of bad commands is not a flood of lines
+        self._read_log = Throttle(60.0)
 
-    # ---- lifecycle -----------------------------------------------------------------------------------
+    # ---- lifecycle and what the service reads -------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def heartbeat(self) -> float:
+        """Monotonic time of the thread's last sign of life (now, while in a call bounded by a timeout)."""
+        now = time.monotonic()
+        return now if now < self._bounded_until else self._beat
+
+    def link_status(self) -> LinkStatus:
+        state = self.state
+        detail = f"connected to {self._where()}" if state == LinkState.CONNECTED else self._last_failure
+        return LinkStatus(state, detail or state.value, time.monotonic() - self._state_since)
 
     def set_streams(self, streams: list[str]) -> None:
         """After a reload: discovery and commands follow the new stream list."""
         self.streams = streams
         self._resend_discovery = True
+
+    def set_diagnostics(self, payload: str) -> None:
+        """Publish `payload` retained (QoS 1) on <prefix>/<node>/diagnostics: now if connected and it
+        changed, and again after every reconnect. Safe to call from any thread."""
+        with self._lock:
+            self._diagnostics = payload
 
     def drain(self, timeout: float) -> None:
         """At shutdown, give the outbox a moment to empty while still connected."""
@@ -118,7 +207,8 @@ class Publisher:
             conn = sqlite3.connect(f"file:{self._database}?mode=ro", uri=True, timeout=1.0)
             try:
                 while time.monotonic() < deadline and self.state == LinkState.CONNECTED:
-                    if not conn.execute("SELECT count(*) FROM outbox").fetchone()[0]:
+                    waiting = conn.execute("SELECT count(*) FROM outbox").fetchone()[0] + len(self._memory)
+                    if not waiting:
                         return
                     time.sleep(0.05)
             finally:
@@ -129,11 +219,20 @@ class Publisher:
         self._stop.set()
         self._thread.join(timeout)
 
+    def _where(self) -> str:
+        return f"{self.config.host}:{self.config.broker_port}"
+
+    def _set_state(self, state: LinkState) -> None:
+        if state != self.state:
+            self.state = state
+            self._state_since = time.monotonic()
+
     def _make_client(self) -> mqtt.Client:
         client_id = self.config.client_id or f"anomalyd-{self.topics.node}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         client.enable_logger(logging.getLogger("anomalyd.mqtt.paho"))
-        client.suppress_exceptions = False
+        client.suppress_exceptions = True  # and every callback guards itself: nothing drops the link
+        client.connect_timeout = CONNECT_TIMEOUT_S
         client.will_set(self.topics.status, "offline", qos=1, retain=True)
         if self.config.username:
             client.username_pw_set(self.config.username, self._password)
@@ -146,13 +245,30 @@ class Publisher:
                 cert_reqs=ssl.CERT_REQUIRED,
             )
         client.max_inflight_messages_set(INFLIGHT)
-        client.on_connect = self._on_connect
-        client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
+        client.on_connect = self._guarded("on_connect", self._on_connect)
+        client.on_disconnect = self._guarded("on_disconnect", self._on_disconnect)
+        client.on_publish = self._guarded("on_publish", self._on_publish)
+        client.on_message = self._guarded("on_message", self._on_message)
         return client
 
     # ---- paho callbacks (called from client.loop(), on this publisher's own thread) ------------------
+
+    def _guarded(self, name: str, callback: Callable[..., None]) -> Callable[..., None]:
+        """The callback, with any exception logged (the traceback once) instead of dropping the link."""
+
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                if name not in self._callback_failed:
+                    self._callback_failed.add(name)
+                    logger.exception("MQTT: the %s handler failed; the connection stays up", name)
+                elif self._callback_log.ready():
+                    logger.error(
+                        "MQTT: the %s handler failed again%s", name, self._callback_log.take_suppressed()
+                    )
+
+        return guarded
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -163,68 +279,120 @@ class Publisher:
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
         if self.state == LinkState.CONNECTED:
-            logger.warning(
-                "MQTT connection to %s:%d lost (%s)", self.config.host, self.config.broker_port, reason
-            )
-        self.state = LinkState.DISCONNECTED
+            logger.warning("MQTT connection to %s lost (%s)", self._where(), reason)
+            self._last_failure = f"connection to {self._where()} lost ({reason})"
+            self._fast_retry = True
+        elif self._connack is None:
+            self._closed_early = True
+        self._set_state(LinkState.DISCONNECTED)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
         row = self._inflight.pop(mid, None)
         if row is not None:
             self._acked.append(row)
+            return
+        seq = self._memory_inflight.pop(mid, None)
+        if seq is not None:
+            self._memory_acked.append(seq)
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        if message.topic == f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}":
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            self._ignored("a message on a topic that is not UTF-8")
+            return
+        if topic == f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}":
             if message.payload == b"online":
                 self._resend_discovery = True
             return
-        stream = self.topics.stream_of_command(message.topic)
-        if stream is not None:
-            self._mute_command(stream, message.payload.decode(errors="replace").strip())
+        stream = self.topics.stream_of_command(topic)
+        if stream is None:
+            self._ignored(f"a message on unexpected topic {shown(topic)}")
+            return
+        if stream not in self.streams:
+            self._ignored(f"a mute command for unknown stream {shown(stream)}")
+            return
+        command = mute_command(stream, bytes(message.payload), message.retain, utc_now())
+        if command.refused and self._command_log.ready():
+            logger.warning(
+                "MQTT: mute command %s for stream %s refused: %s%s",
+                shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
+            )  # fmt: skip
+        self._sink.put(command)
+
+    def _ignored(self, what: str) -> None:
+        if self._command_log.ready():
+            logger.warning("MQTT: ignored %s%s", what, self._command_log.take_suppressed())
 
     # ---- the thread ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.heartbeat = time.monotonic()
+            self._beat = time.monotonic()
             try:
                 if self._connect():
-                    self._backoff.reset()
+                    self._delay = self._initial_delay()
                     self._serve()
             except Exception:  # the publisher must outlive whatever the network or paho throws
                 logger.exception("MQTT publisher failed; reconnecting")
+                self._fast_retry = False
             self._drop_connection()
             if not self._stop.is_set():
-                logger.info("MQTT: next connection attempt in %.1f s", self._backoff.next_delay)
-                self._backoff.wait()
+                self._wait_before_retry()
+
+    def _initial_delay(self) -> float:
+        return min(self.config.retry_initial_seconds, MAX_BACKOFF_S)
+
+    def _wait_before_retry(self) -> None:
+        """Back off (capped, with jitter) in short slices; after a network failure, look at the broker's
+        port every second and connect at once when it answers."""
+        delay = self._delay * random.uniform(0.8, 1.2)
+        self._delay = min(self._delay * 2, self.config.retry_max_seconds, MAX_BACKOFF_S)
+        logger.debug("MQTT: next connection attempt in %.1f s", delay)
+        start = time.monotonic()
+        deadline = start + delay
+        next_probe = start + PROBE_INTERVAL_S
+        while not self._stop.is_set():
+            now = time.monotonic()
+            self._beat = now
+            if now >= deadline:
+                return
+            if self._fast_retry and now >= next_probe:
+                next_probe = now + PROBE_INTERVAL_S
+                if self._port_open():
+                    logger.info("MQTT: %s accepts connections again; connecting", self._where())
+                    return
+            wake = min(deadline, next_probe) if self._fast_retry else deadline
+            self._stop.wait(max(0.0, min(WAIT_SLICE_S, wake - now)))
+
+    def _port_open(self) -> bool:
+        self._bounded_until = time.monotonic() + PROBE_TIMEOUT_S + 1.0
+        try:
+            with socket.create_connection(
+                (self.config.host, self.config.broker_port), timeout=PROBE_TIMEOUT_S
+            ):
+                return True
+        except OSError:
+            return False
+        finally:
+            self._bounded_until = 0.0
 
     def _connect(self) -> bool:
-        self.state = LinkState.CONNECTING
+        self._set_state(LinkState.CONNECTING)
         self._client = client = self._make_client()
         self._connack = None
-        where = f"{self.config.host}:{self.config.broker_port}"
-        try:
-            client.connect(self.config.host, self.config.broker_port, keepalive=self.config.keepalive_seconds)
-        except ssl.SSLCertVerificationError as exc:
-            return self._failed(
-                f"TLS certificate of {where} not trusted ({exc.verify_message}); check mqtt.tls.ca_file"
-            )
-        except (OSError, ssl.SSLError) as exc:
-            return self._failed(f"cannot connect to {where}: {exc}")
-        deadline = time.monotonic() + CONNACK_TIMEOUT_S
-        while self._connack is None and time.monotonic() < deadline and not self._stop.is_set():
-            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
-                break
-        if self._connack is None:
-            return self._failed(f"no answer from {where} to the connection request")
-        if self._connack.is_failure:
-            return self._failed(f"{where} refused the connection: {self._connack}")
+        self._closed_early = False
+        if not self._dial(client) or not self._accepted(client):
+            return False
         self._last_failure = ""
-        self.state = LinkState.CONNECTED
+        self._set_state(LinkState.CONNECTED)
         self._connected_at = iso(utc_now()) or ""
         self._inflight.clear()
+        self._memory_inflight.clear()
         self._sent_up_to = 0
-        logger.info("MQTT: connected to %s as %s", where, client._client_id.decode())
+        with self._lock:
+            self._diagnostics_sent = None
+        logger.info("MQTT: connected to %s as %s", self._where(), client._client_id.decode())
         client.publish(self.topics.status, "online", qos=1, retain=True)
         client.subscribe(self.topics.mute_commands, qos=1)
         if self.config.homeassistant.enabled:
@@ -232,8 +400,47 @@ class Publisher:
             self._resend_discovery = True
         return True
 
-    def _failed(self, why: str) -> bool:
-        """Log a connection failure once (error), its repetitions quietly (debug), until one succeeds."""
+    def _dial(self, client: mqtt.Client) -> bool:
+        """Open the TCP (and TLS) connection and send CONNECT; a blocking call bounded by its timeouts."""
+        where = self._where()
+        self._bounded_until = time.monotonic() + 2 * CONNECT_TIMEOUT_S + 1.0
+        try:
+            client.connect(self.config.host, self.config.broker_port, keepalive=self.config.keepalive_seconds)
+        except ssl.SSLCertVerificationError as exc:
+            return self._failed(
+                f"TLS certificate of {where} not trusted ({exc.verify_message}); check mqtt.tls.ca_file",
+                network=False,
+            )
+        except (ssl.SSLError, ValueError) as exc:
+            return self._failed(f"TLS with {where} failed: {exc}", network=False)
+        except OSError as exc:
+            return self._failed(f"cannot connect to {where}: {exc}", network=True)
+        finally:
+            self._bounded_until = 0.0
+        return True
+
+    def _accepted(self, client: mqtt.Client) -> bool:
+        """Wait (in slices) for the broker's CONNACK; True if it accepted the connection."""
+        where = self._where()
+        deadline = time.monotonic() + CONNACK_TIMEOUT_S
+        while self._connack is None and time.monotonic() < deadline and not self._stop.is_set():
+            self._beat = time.monotonic()
+            if client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                self._closed_early = True
+                break
+        if self._connack is None:
+            if self._closed_early:
+                return self._failed(f"{where} closed the connection before accepting it", network=True)
+            return self._failed(f"no answer from {where} to the connection request", network=False)
+        if self._connack.is_failure:
+            return self._failed(f"{where} refused the connection: {self._connack}", network=False)
+        return True
+
+    def _failed(self, why: str, network: bool) -> bool:
+        """Log a connection failure once (error), its repetitions quietly (debug), until one succeeds.
+        `network`: refused, unreachable or timed out, so the broker's port is worth probing; not after a
+        refused login or an untrusted certificate (those keep the back-off)."""
+        self._fast_retry = network
         if why != self._last_failure:
             logger.error("MQTT: %s; events keep going to the local log and are sent once connected", why)
             self._last_failure = why
@@ -245,10 +452,11 @@ class Publisher:
         assert self._client is not None
         with sqlite3.connect(f"file:{self._database}?mode=ro", uri=True, timeout=10.0) as outbox:
             while not self._stop.is_set() and self.state == LinkState.CONNECTED:
-                self.heartbeat = time.monotonic()
+                self._beat = time.monotonic()
                 if self._resend_discovery:
                     self._resend_discovery = False
                     self._publish_discovery()
+                self._publish_diagnostics()
                 self._publish_pending(outbox)
                 if self._client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
                     break
@@ -256,32 +464,63 @@ class Publisher:
         if self._stop.is_set() and self.state == LinkState.CONNECTED:
             self._goodbye()
 
+    def _read_outbox(self, outbox: sqlite3.Connection, limit: int) -> list[_Row] | None:
+        """The next rows of the outbox table; None when it cannot be read (then memory goes on)."""
+        try:
+            return [
+                _Row(*r)
+                for r in outbox.execute(
+                    "SELECT id, topic, payload, qos, retain, kind, created_at FROM outbox "
+                    "WHERE id > ? ORDER BY id LIMIT ?",
+                    [self._sent_up_to, limit],
+                ).fetchall()
+            ]
+        except sqlite3.Error as exc:
+            if self._read_log.ready():
+                logger.warning("MQTT: cannot read the outbox (%s); sending what waits in memory", exc)
+            return None
+
     def _publish_pending(self, outbox: sqlite3.Connection) -> None:
         assert self._client is not None
-        room = INFLIGHT - len(self._inflight)
+        room = INFLIGHT - len(self._inflight) - len(self._memory_inflight)
         if room <= 0:
             return
-        rows = [
-            _Row(*r)
-            for r in outbox.execute(
-                "SELECT id, topic, payload, qos, retain, kind, created_at FROM outbox "
-                "WHERE id > ? ORDER BY id LIMIT ?",
-                [self._sent_up_to, room + len(self._done)],
-            ).fetchall()
-        ]
-        for row in rows:
+        generation = self._memory.generation
+        limit = room + len(self._done)
+        rows = self._read_outbox(outbox, limit)
+        for row in rows or []:
             if row.id in self._done:
                 continue
             late = row.kind == "event" and row.created_at < self._connected_at
             payload = as_replayed(row.payload) if late else row.payload
             info = self._client.publish(row.topic, payload, qos=row.qos, retain=bool(row.retain))
             self._sent_up_to = row.id
+            room -= 1
             if row.qos == 0:
                 self._acked.append(row.id)  # nothing to wait for; sent is as good as it gets
             else:
                 self._inflight[info.mid] = row.id
+        if rows is not None and len(rows) >= limit:
+            return  # the table first: what waits in memory is newer
+        for pending in self._memory.take(room, generation):
+            self._publish_memory(pending)
+
+    def _publish_memory(self, pending: Pending) -> None:
+        assert self._client is not None
+        m = pending.message
+        late = m.kind == "event" and pending.created_at < self._connected_at
+        payload = as_replayed(m.payload) if late else m.payload
+        info = self._client.publish(m.topic, payload, qos=m.qos, retain=m.retain)
+        if m.qos == 0:
+            self._memory_acked.append(pending.seq)
+        else:
+            self._memory_inflight[info.mid] = pending.seq
 
     def _report_acked(self) -> None:
+        if self._memory_acked:
+            seqs, self._memory_acked = self._memory_acked, []
+            self._memory.acked(seqs)
+            self.delivered += len(seqs)
         if not self._acked:
             return
         ids, self._acked = tuple(self._acked), []
@@ -297,28 +536,14 @@ class Publisher:
             self._client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain)
         logger.info("MQTT: Home Assistant discovery published for %d stream(s)", len(self.streams))
 
-    def _mute_command(self, stream: str, text: str) -> None:
-        now = utc_now()
-        if stream not in self.streams:
-            logger.warning("MQTT: mute command for unknown stream %r ignored", stream)
-            return
-        if text.lower() in ("", "0", "off", "unmute", "false"):
-            until = None
-        else:
-            try:
-                seconds = float(text)
-            except ValueError:
-                logger.warning(
-                    "MQTT: mute command %r for %s ignored: expected seconds, or 'off'", text, stream
-                )
-                return
-            until = now + dt.timedelta(seconds=seconds) if seconds > 0 else None
-        self.mutes.set(stream, until)
-        logger.warning("stream %s: alerts %s", stream, f"muted until {iso(until)}" if until else "unmuted")
+    def _publish_diagnostics(self) -> None:
         assert self._client is not None
-        self._client.publish(
-            self.topics.stream(stream, "mute"), mute_payload(stream, until, now), qos=1, retain=True
-        )
+        with self._lock:
+            payload = self._diagnostics
+            if payload is None or payload == self._diagnostics_sent:
+                return
+            self._diagnostics_sent = payload
+        self._client.publish(self.topics.diagnostics, payload, qos=1, retain=True)
 
     def _goodbye(self) -> None:
         assert self._client is not None
@@ -327,12 +552,16 @@ class Publisher:
         while not info.is_published() and time.monotonic() < deadline:
             self._client.loop(timeout=0.05)
         self._report_acked()
-        self.state = LinkState.DISCONNECTED  # first: a disconnection we asked for is no news
+        self._set_state(LinkState.DISCONNECTED)  # first: a disconnection we asked for is no news
         self._client.disconnect()
 
     def _drop_connection(self) -> None:
         if self._client is not None:
             with contextlib.suppress(OSError, ssl.SSLError):  # already gone: nothing to tell the broker
                 self._client.disconnect()
-        self.state = LinkState.DISCONNECTED
+        self._set_state(LinkState.DISCONNECTED)
         self._inflight.clear()
+        self._memory_inflight.clear()
+        self._memory.acked(self._memory_acked)
+        self._memory_acked = []
+        self._memory.requeue()

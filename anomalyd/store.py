@@ -1,21 +1,23 @@
-"""The local event log: SQLite through sqlite-utils, WAL, one writer thread, versioned schema.
+"""The event log's one writer thread: events, source status, mutes and the MQTT outbox, in SQLite.
 
-Only the writer thread writes; readers (`anomalyd events`, dashboards, backups) open their own
-connections and, thanks to WAL, never block it. The schema version lives in `PRAGMA user_version` and
-`MIGRATIONS[i]` brings a database from version i to i + 1, each step in one transaction. A database from a
-newer anomalyd is refused rather than guessed at.
+Every row and the MQTT messages it causes commit in one transaction. When a write fails (a full disk,
+an I/O error, another process's write lock) nothing is lost while memory lasts: the rows wait in a
+bounded backlog, their messages go to the broker from memory, clips are not saved, and the writer
+retries every second until the rows are written; one warning a minute says so, and `status()` tells the
+service. The writer also keeps the WAL small (periodic checkpoints), ends mutes on time and prunes old
+events. Schema, migrations and readers: anomalyd/database.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
+import math
 import queue
-import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,105 +25,51 @@ from typing import Any
 import soundfile as sf
 import sqlite_utils
 
-from anomalyd.config import ClipsConfig, StorageConfig
-from anomalyd.contract import (
-    Message,
-    Topics,
-    alarm_state_message,
-    event_message,
-    score_message,
-    source_message,
-    state_message,
+from anomalyd.backlog import Backlog, ClipRow, EventRow, MuteRow, Row, StatusRow, apply_rows
+from anomalyd.clipfiles import remove_partial_clips, save_clip
+from anomalyd.config import StorageConfig
+from anomalyd.contract import Message, event_message, mute_message, state_message
+from anomalyd.database import (
+    EVENT_COLUMNS,
+    SCHEMA_VERSION,
+    checkpoint,
+    describe,
+    open_database,
+    read_events,
+    transaction,
 )
-from anomalyd.errors import AnomalydError
+from anomalyd.errors import StoreError
+from anomalyd.mutes import MAX_MUTE_SECONDS, MuteCommand, Mutes, load_mutes, save_mute
+from anomalyd.outbox import Delivered, Outbox
 from anomalyd.records import AlarmState, AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
+from anomalyd.throttle import Throttle
+
+__all__ = [
+    "EVENT_COLUMNS",
+    "SCHEMA_VERSION",
+    "Delivered",
+    "MuteCommand",
+    "Mutes",
+    "Outbox",
+    "StoreError",
+    "StoreStatus",
+    "StoreWriter",
+    "apply_retention",
+    "close_interrupted",
+    "open_database",
+    "read_events",
+    "save_clip",
+]
 
 logger = logging.getLogger(__name__)
 
-
-class StoreError(AnomalydError):
-    """The event database cannot be opened or is from an incompatible version."""
-
-
-def _v1(db: sqlite_utils.Database) -> None:
-    db["events"].create(  # type: ignore[union-attr]
-        {
-            "event_id": str, "node": str, "stream": str, "state": str,
-            "started_at": str, "ended_at": str, "start_sample": int, "end_sample": int,
-            "score": float, "peak_score": float, "mean_score": float, "threshold": float,
-            "mean": float, "std": float, "k": float, "model_id": str,
-            "windows": int, "windows_over": int, "end_reason": str, "clip_path": str, "updated_at": str,
-        },
-        pk="event_id",
-        not_null={"node", "stream", "state", "started_at", "updated_at"},
-    )  # fmt: skip
-    db["events"].create_index(["started_at"])  # type: ignore[union-attr]
-    db["events"].create_index(["stream", "started_at"])  # type: ignore[union-attr]
-    db["source_status"].create(  # type: ignore[union-attr]
-        {"id": int, "node": str, "stream": str, "state": str, "detail": str, "at": str},
-        pk="id",
-        not_null={"node", "stream", "state", "at"},
-    )
-    db["source_status"].create_index(["at"])  # type: ignore[union-attr]
-
-
-def _v2(db: sqlite_utils.Database) -> None:
-    """The MQTT outbox: messages wait here, in order, until the broker acknowledges them."""
-    db.execute(
-        "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, "
-        "payload TEXT NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, kind TEXT NOT NULL, "
-        "event_id TEXT, created_at TEXT NOT NULL)"
-    )
-    db.execute("CREATE INDEX outbox_kind ON outbox(kind, id)")
-    db.execute("CREATE INDEX outbox_topic ON outbox(topic)")
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def open_database(path: Path) -> sqlite_utils.Database:
-    """Open (creating if needed) and migrate the event database; WAL mode."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(str(path), check_same_thread=False, timeout=10.0)
-        db = sqlite_utils.Database(conn)
-        db.enable_wal()
-        version = int(db.execute("PRAGMA user_version").fetchone()[0])
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"{path}: cannot open the event database ({exc})") from exc
-    if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{path}: event database schema version {version} is newer than this anomalyd's "
-            f"({SCHEMA_VERSION})"
-        )
-    for target in range(version, SCHEMA_VERSION):
-        with db.atomic():
-            MIGRATIONS[target](db)
-            db.execute(f"PRAGMA user_version = {target + 1}")
-        logger.info("%s: event database migrated to schema version %d", path, target + 1)
-    return db
-
-
-def close_interrupted(db: sqlite_utils.Database) -> int:
-    """Events left open by a crash are closed at their last known time, reason 'interrupted'."""
-    with db.atomic():
-        cursor = db.execute(
-            "UPDATE events SET state = 'closed', ended_at = updated_at, end_reason = 'interrupted' "
-            "WHERE state = 'open'"
-        )
-    return cursor.rowcount
-
-
-def _event_row(event: AnomalyEvent) -> dict[str, Any]:
-    return {
-        **event.shared_fields(),
-        "state": "closed" if event.type == "end" else "open",
-        "start_sample": event.start_sample,
-        "end_sample": event.end_sample,
-        "end_reason": event.reason or None,
-        "updated_at": iso(event.at),
-    }
+TICK_S = 0.25  # the writer wakes at least this often (mute expiry, retries, checkpoints)
+RETRY_INTERVAL_S = 1.0  # while the event log cannot be written, try again this often
+WARN_INTERVAL_S = 60.0  # one warning a minute about it, not one per item
+CHECKPOINT_INTERVAL_S = 5.0  # WAL checkpoints (automatic ones happen too, at 1000 pages)
+RETENTION_INTERVAL_S = 3600.0  # how often old rows and clips are pruned
+RETRY_CHUNK = 500  # rows (and messages) per transaction when catching up
+MAX_UNDELETED = 100_000  # acknowledged outbox ids waiting to be deleted; beyond, they are sent twice
 
 
 @dataclass(frozen=True)
@@ -130,125 +78,138 @@ class _Stop:
 
 
 @dataclass(frozen=True)
-class Delivered:
-    """Outbox rows the broker has acknowledged."""
+class StoreStatus:
+    """The event log's health, for systemd STATUS and the node's diagnostics topic."""
 
-    ids: tuple[int, ...]
+    state: str  # "ok" | "degraded" (rows cannot be written; alerts still go out from memory)
+    detail: str  # one line
+    rows_pending: int  # rows waiting in memory for the database
+    messages_pending: int  # MQTT messages waiting in memory
+    rows_dropped: int  # rows given up because memory was full (status rows first, events last)
+    messages_dropped: int  # MQTT messages given up because an outbox was full (scores first)
+    clips_skipped: int  # clips not saved because the disk was short or failing
 
-
-class Mutes:
-    """Streams whose alerts are not published until a time (shared by the command handler and the writer)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._until: dict[str, dt.datetime] = {}
-
-    def set(self, stream: str, until: dt.datetime | None) -> None:
-        with self._lock:
-            if until is None:
-                self._until.pop(stream, None)
-            else:
-                self._until[stream] = until
-
-    def until(self, stream: str, now: dt.datetime) -> dt.datetime | None:
-        with self._lock:
-            until = self._until.get(stream)
-            return until if until is not None and until > now else None
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
 
 
-# What the outbox gives up first when full; events only when nothing else is left.
-DROP_ORDER = ("score", "source", "state", "discovery", "event")
-# Kinds where only the newest undelivered message of a topic matters (retained state, latest score).
-SUPERSEDED_KINDS = ("score", "source", "state")
+Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | MuteCommand
 
 
-class Outbox:
-    """Turns what the writer records into MQTT messages, in the same transaction, within a bound."""
-
-    def __init__(self, topics: Topics, max_messages: int, mutes: Mutes) -> None:
-        self.topics = topics
-        self.max_messages = max_messages
-        self.mutes = mutes
-        self.dropped: dict[str, int] = dict.fromkeys(DROP_ORDER, 0)
-        self.muted = 0
-
-    def messages(self, item: AnomalyEvent | SourceStatus | ScoreReport | AlarmState) -> list[Message]:
-        if isinstance(item, SourceStatus):
-            return [source_message(self.topics, item)]
-        if isinstance(item, AlarmState):
-            return [alarm_state_message(self.topics, item)]
-        if self.mutes.until(item.stream, utc_now()) is not None:
-            self.muted += 1
-            return []  # logged locally, not published
-        if isinstance(item, ScoreReport):
-            return [score_message(self.topics, item)]
-        out = [event_message(self.topics, item)]
-        if item.type != "update":
-            out.append(state_message(self.topics, item))
-        return out
-
-    def add(self, db: sqlite_utils.Database, messages: list[Message]) -> None:
-        """Insert (inside the caller's transaction), replacing superseded messages of the same topic."""
-        now = iso(utc_now())
-        for m in messages:
-            if m.kind in SUPERSEDED_KINDS:
-                db.execute("DELETE FROM outbox WHERE topic = ? AND kind = ?", [m.topic, m.kind])
-            db.execute(
-                "INSERT INTO outbox (topic, payload, qos, retain, kind, event_id, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [m.topic, m.payload, m.qos, int(m.retain), m.kind, m.event_id, now],
-            )
-        if messages:
-            self._bound(db)
-
-    def _bound(self, db: sqlite_utils.Database) -> None:
-        excess = int(db.execute("SELECT count(*) FROM outbox").fetchone()[0]) - self.max_messages
-        for kind in DROP_ORDER:
-            if excess <= 0:
-                return
-            cursor = db.execute(
-                "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE kind = ? ORDER BY id LIMIT ?)",
-                [kind, excess],
-            )
-            if cursor.rowcount:
-                self.dropped[kind] += cursor.rowcount
-                excess -= cursor.rowcount
-                logger.warning(
-                    "MQTT outbox full (%d messages): dropped the %d oldest %s message(s); %s dropped so far",
-                    self.max_messages, cursor.rowcount, kind, self.dropped[kind],
-                )  # fmt: skip
+def _retryable(exc: BaseException) -> bool:
+    """Failures of the disk or of locking, which time may cure; programming errors are not."""
+    return isinstance(exc, OSError | sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError
 
 
-Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | _Stop
+def _interrupted_end(row: sqlite3.Row, now: dt.datetime) -> AnomalyEvent:
+    """The `end` of an event a crash left open, at its last known time."""
 
-RETENTION_INTERVAL_S = 3600.0  # how often old rows and clips are pruned
+    def number(key: str) -> float:
+        value = row[key]
+        return float(value) if value is not None else 0.0
+
+    return AnomalyEvent(
+        event_id=row["event_id"], type="end", node=row["node"], stream=row["stream"],
+        started_at=dt.datetime.fromisoformat(row["started_at"]),
+        ended_at=dt.datetime.fromisoformat(row["updated_at"]),
+        start_sample=int(number("start_sample")), end_sample=int(number("end_sample")),
+        score=number("score"), peak_score=number("peak_score"), mean_score=number("mean_score"),
+        threshold=number("threshold"), mean=number("mean"), std=number("std"),
+        k=row["k"], model_id=row["model_id"] or "", windows=max(1, int(number("windows"))),
+        windows_over=int(number("windows_over")), reason="interrupted", at=now,
+    )  # fmt: skip
+
+
+def close_interrupted(conn: sqlite3.Connection, outbox: Outbox | None, now: dt.datetime) -> int:
+    """Close events left open by a crash at their last known time, reason 'interrupted', inside the
+    caller's transaction; those whose start was published get their `end` (replayed) and `OFF` queued."""
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = conn.execute("SELECT * FROM events WHERE state = 'open'").fetchall()
+    finally:
+        conn.row_factory = None
+    conn.execute(
+        "UPDATE events SET state = 'closed', ended_at = updated_at, end_reason = 'interrupted' "
+        "WHERE state = 'open'"
+    )
+    if outbox is not None:
+        for row in rows:
+            if row["published"]:
+                end = _interrupted_end(row, now)
+                outbox.add(
+                    conn,
+                    [event_message(outbox.topics, end, replayed=True), state_message(outbox.topics, end)],
+                )
+    return len(rows)
+
+
+def restore_mutes(conn: sqlite3.Connection, outbox: Outbox, now: dt.datetime) -> None:
+    """Load the mutes kept in the event log; restate them (retained), and acknowledge those that ran
+    out while the daemon was not running."""
+    for stream, until in sorted(load_mutes(conn).items()):
+        if until > now:
+            outbox.mutes.set(stream, until)
+            outbox.add(conn, [mute_message(outbox.topics, stream, until, now, reason="restored")])
+            logger.warning("stream %s: new alerts stay muted until %s", stream, iso(until))
+        else:
+            save_mute(conn, stream, None, now)
+            outbox.add(conn, [mute_message(outbox.topics, stream, None, now, reason="expired")])
 
 
 class StoreWriter:
     """The one thread that writes the event log and the clips."""
 
     def __init__(self, config: StorageConfig, outbox: Outbox | None = None) -> None:
+        """Open and migrate the database, close what a crash left open, restore the mutes, remove
+        half-written clips. Raises StoreError (one line: file and cause) when any of it fails."""
         self.config = config
         self.outbox = outbox
-        self._queue: queue.Queue[Item] = queue.Queue()
+        self._queue: queue.Queue[Item | _Stop] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
-        self.db = open_database(config.database)
-        interrupted = close_interrupted(self.db)
+        self.db: sqlite_utils.Database = open_database(config.database)
+        self._conn: sqlite3.Connection = self.db.conn
+        self._wal = Path(f"{config.database}-wal")
+        now = utc_now()
+        try:
+            with transaction(self._conn):
+                interrupted = close_interrupted(self._conn, outbox, now)
+                if outbox is not None:
+                    restore_mutes(self._conn, outbox, now)
+        except (OSError, sqlite3.Error) as exc:
+            self.db.close()
+            raise StoreError(
+                f"{config.database}: cannot write to the event database: {describe(exc, config.database)}"
+            ) from exc
         if interrupted:
             logger.warning(
                 "closed %d event(s) left open by an earlier run (reason 'interrupted')", interrupted
             )
+        remove_partial_clips(config.clips.directory)
         self.heartbeat = time.monotonic()
         self.written = 0
+        self.clips_skipped = 0
+        self._backlog = Backlog()
+        self._undeleted: set[int] = set()  # acknowledged outbox ids not deleted yet
+        self._failure = ""  # why the event log cannot be written; "" while it can
+        self._announced = False  # the current failure was logged (so its end is too)
+        self._failing_since = 0.0
+        self._next_retry = 0.0
+        self._warn = Throttle(WARN_INTERVAL_S)
+        self._clip_warn = Throttle(WARN_INTERVAL_S)
+        self._next_mute_check = 0.0
+        self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_S
+        self._next_retention = 0.0
+
+    # ---- the service's side ------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered) -> None:
+    def put(self, item: Item) -> None:
         self._queue.put(item)
 
     def flush(self, timeout: float) -> bool:
-        """Wait until everything queued so far is written (or the timeout passes)."""
+        """Wait until everything queued so far is handled (or the timeout passes)."""
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -264,11 +225,38 @@ class StoreWriter:
         if self._thread.is_alive():
             logger.error("store writer did not finish within %.1f s", timeout)
 
+    def status(self) -> StoreStatus:
+        """The event log's health now (safe to call from any thread)."""
+        memory = self.outbox.memory if self.outbox is not None else None
+        rows, messages = len(self._backlog), len(memory) if memory is not None else 0
+        dropped = sum(memory.dropped.values()) if memory is not None else 0
+        if self.outbox is not None:
+            dropped += sum(self.outbox.dropped.values())
+        failure = self._failure
+        if failure:
+            since = time.monotonic() - self._failing_since
+            detail = (
+                f"event log not writable for {since:.0f} s ({failure}); {rows} row(s) and {messages} "
+                "MQTT message(s) held in memory"
+            )
+        else:
+            detail = "event log ok"
+        return StoreStatus(
+            state="degraded" if failure else "ok",
+            detail=" ".join(detail.split()),
+            rows_pending=rows,
+            messages_pending=messages,
+            rows_dropped=self._backlog.total_dropped,
+            messages_dropped=dropped,
+            clips_skipped=self.clips_skipped,
+        )
+
+    # ---- the thread ---------------------------------------------------------------------------------
+
     def _run(self) -> None:
-        next_retention = 0.0
         while True:
             try:
-                item = self._queue.get(timeout=0.5)
+                item = self._queue.get(timeout=TICK_S)
             except queue.Empty:
                 item = None
             self.heartbeat = time.monotonic()
@@ -276,52 +264,209 @@ class StoreWriter:
                 self._queue.task_done()
                 break
             if item is not None:
-                self._write_safely(item)
-                self._queue.task_done()
-            if time.monotonic() >= next_retention:
-                next_retention = time.monotonic() + RETENTION_INTERVAL_S
-                self._retain_safely()
+                try:
+                    self.write(item)
+                finally:
+                    self._queue.task_done()
+            self.tick()
+        self._close()
+
+    def tick(self) -> None:
+        """The writer's periodic work: retries, mute expiry, checkpoints, retention."""
+        now = time.monotonic()
+        if self._failure and now >= self._next_retry:
+            self._catch_up()
+        if self._failure and self._warn.ready():
+            self._announced = True
+            self._warn_failing()
+        if now >= self._next_mute_check:
+            self._next_mute_check = now + TICK_S
+            self._expire_mutes(utc_now())
+        if not self._failure and now >= self._next_checkpoint:
+            self._next_checkpoint = now + CHECKPOINT_INTERVAL_S
+            self._checkpoint()
+        if not self._failure and now >= self._next_retention:
+            self._next_retention = now + RETENTION_INTERVAL_S
+            self._retain()
+
+    def _close(self) -> None:
+        if self._failure:
+            self._catch_up()
+        if self._failure:
+            memory = len(self.outbox.memory) if self.outbox is not None else 0
+            logger.error(
+                "event log still not writable at shutdown (%s): %d row(s) and %d unsent MQTT message(s) "
+                "are lost", self._failure, len(self._backlog), memory,
+            )  # fmt: skip
         self.db.close()
 
-    def _write_safely(
-        self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered
-    ) -> None:
-        try:
-            self.write(item)
-            self.written += 1
-        except (sqlite3.Error, OSError, sf.LibsndfileError) as exc:
-            # The pipeline keeps running; the row is lost only if the disk itself fails.
-            logger.error("could not write %s to the event log: %s", type(item).__name__, exc)
+    # ---- one item -----------------------------------------------------------------------------------
 
-    def write(
-        self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered
-    ) -> None:
-        """Write one item now (the writer thread's step; also for tools and tests that own the store)."""
+    def write(self, item: Item) -> None:
+        """Handle one item now (the writer thread's step; also for tools and tests that own the store)."""
+        now = utc_now()
+        rows: list[Row] = []
+        messages: list[Message] = []
+        deletes: tuple[int, ...] = ()
         if isinstance(item, Delivered):
-            with self.db.atomic():
-                self.db.conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item.ids])
-            return
-        if isinstance(item, AnomalyEvent | SourceStatus | ScoreReport | AlarmState):
-            # A row and its outgoing messages commit together, or not at all.
-            with self.db.atomic():
-                if isinstance(item, AnomalyEvent):
-                    self.db["events"].upsert(_event_row(item), pk="event_id")  # type: ignore[union-attr]
-                elif isinstance(item, SourceStatus):
-                    self.db["source_status"].insert(  # type: ignore[union-attr]
-                        {"node": item.node, "stream": item.stream, "state": item.state.value,
-                         "detail": item.detail, "at": iso(item.at)}
-                    )  # fmt: skip
-                if self.outbox is not None:
-                    self.outbox.add(self.db, self.outbox.messages(item))
+            deletes = item.ids
+        elif isinstance(item, ClipJob):
+            rows = self._save_clip(item)
+        elif isinstance(item, MuteCommand):
+            rows, messages = self._mute(item, now)
+        elif isinstance(item, AnomalyEvent):
+            published = False
+            if self.outbox is not None:
+                messages, published = self.outbox.for_event(item, now)
+            rows = [EventRow(item, published)]
         else:
-            path = save_clip(item, self.config.clips)
-            if path is not None:
-                with self.db.atomic():
-                    self.db.execute(
-                        "UPDATE events SET clip_path = ? WHERE event_id = ?", [str(path), item.event_id]
-                    )
+            if isinstance(item, SourceStatus):
+                rows = [StatusRow(item)]
+            if self.outbox is not None:
+                messages = self.outbox.messages(item, now)
+        self._commit(rows, messages, deletes, now)
+        self.written += 1
 
-    def _retain_safely(self) -> None:
+    def _commit(
+        self, rows: list[Row], messages: list[Message], deletes: tuple[int, ...], now: dt.datetime
+    ) -> None:
+        created = iso(now) or ""
+        if not self._failure:
+            try:
+                with transaction(self._conn):
+                    apply_rows(self._conn, rows)
+                    self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in deletes])
+                    if self.outbox is not None and messages:
+                        self.outbox.add(self._conn, messages, created)
+                return
+            except (OSError, sqlite3.Error) as exc:
+                if not _retryable(exc):
+                    raise
+                self._fail(exc)
+        self._backlog.add(rows)
+        if self.outbox is not None and messages:
+            self.outbox.memory.put(messages, created)
+        if len(self._undeleted) < MAX_UNDELETED:
+            self._undeleted.update(deletes)
+
+    def _save_clip(self, job: ClipJob) -> list[Row]:
+        if self._failure:  # clips are the first thing given up when the disk is short
+            self.clips_skipped += 1
+            return []
+        try:
+            path = save_clip(job, self.config.clips)
+        except (OSError, sf.LibsndfileError) as exc:
+            self.clips_skipped += 1
+            if self._clip_warn.ready():
+                logger.warning(
+                    "clip of event %s not saved: %s%s", job.event_id, exc, self._clip_warn.take_suppressed()
+                )
+            return []
+        return [ClipRow(job.event_id, str(path))] if path is not None else []
+
+    # ---- mutes --------------------------------------------------------------------------------------
+
+    def _mute(self, command: MuteCommand, now: dt.datetime) -> tuple[list[Row], list[Message]]:
+        outbox = self.outbox
+        if outbox is None:
+            return [], []
+        refused = command.refused
+        if not refused and not (math.isfinite(command.seconds) and 0 <= command.seconds <= MAX_MUTE_SECONDS):
+            refused = f"expected 0 to {MAX_MUTE_SECONDS} s"
+        if refused:
+            current = outbox.mutes.until(command.stream, now)
+            return [], [mute_message(outbox.topics, command.stream, current, now, refused=refused)]
+        until = now + dt.timedelta(seconds=command.seconds) if command.seconds > 0 else None
+        outbox.mutes.set(command.stream, until)
+        logger.warning(
+            "stream %s: new alerts %s", command.stream, f"muted until {iso(until)}" if until else "unmuted"
+        )
+        rows: list[Row] = [MuteRow(command.stream, until, now)]
+        messages = [mute_message(outbox.topics, command.stream, until, now)]
+        if until is None:
+            lifted, events = outbox.lifted(command.stream, now)
+            messages += lifted
+            rows += [EventRow(event, True) for event in events]
+        return rows, messages
+
+    def _expire_mutes(self, now: dt.datetime) -> None:
+        outbox = self.outbox
+        if outbox is None:
+            return
+        for stream in outbox.mutes.expired(now):
+            outbox.mutes.set(stream, None)
+            logger.info("stream %s: mute expired; new alerts are published again", stream)
+            rows: list[Row] = [MuteRow(stream, None, now)]
+            messages = [mute_message(outbox.topics, stream, None, now, reason="expired")]
+            lifted, events = outbox.lifted(stream, now)
+            rows += [EventRow(event, True) for event in events]
+            self._commit(rows, messages + lifted, (), now)
+
+    # ---- when the event log cannot be written ---------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        self._failure = " ".join(describe(exc, self.config.database).split())
+        self._failing_since = time.monotonic()
+        self._next_retry = self._failing_since + RETRY_INTERVAL_S
+        self._announced = self._warn.ready()
+        if self._announced:
+            logger.warning(
+                "event log %s cannot be written (%s): keeping its rows in memory (at most %d), sending "
+                "alerts from memory, not saving clips; retrying every %.0f s",
+                self.config.database, self._failure, self._backlog.limit, RETRY_INTERVAL_S,
+            )  # fmt: skip
+
+    def _warn_failing(self) -> None:
+        status = self.status()
+        logger.warning(
+            "%s; %d row(s) dropped, %d clip(s) not saved so far",
+            status.detail, status.rows_dropped, status.clips_skipped,
+        )  # fmt: skip
+
+    def _catch_up(self) -> None:
+        """Write what waited in memory, oldest first, in chunks; stop at the first failure."""
+        memory = self.outbox.memory if self.outbox is not None else None
+        written = 0
+        while True:
+            self.heartbeat = time.monotonic()
+            rows = self._backlog.head(RETRY_CHUNK)
+            pending = memory.peek()[:RETRY_CHUNK] if memory is not None else []
+            deletes = sorted(self._undeleted)[: RETRY_CHUNK * 10]
+            if not rows and not pending and not deletes:
+                break
+            try:
+                with transaction(self._conn):
+                    apply_rows(self._conn, rows)
+                    self._conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in deletes])
+                    if self.outbox is not None and pending:
+                        self.outbox.add_pending(self._conn, pending)
+            except (OSError, sqlite3.Error) as exc:
+                if not _retryable(exc):
+                    raise
+                self._failure = " ".join(describe(exc, self.config.database).split())
+                self._next_retry = time.monotonic() + RETRY_INTERVAL_S
+                return
+            self._backlog.drop_head(len(rows))
+            if memory is not None:
+                memory.remove({p.seq for p in pending})
+            self._undeleted.difference_update(deletes)
+            written += len(rows)
+        if self._announced:  # a failure that flaps is said once a minute, and so is its end
+            logger.warning(
+                "event log writable again after %.0f s: %d row(s) written from memory, %d dropped so far",
+                time.monotonic() - self._failing_since, written, self._backlog.total_dropped,
+            )  # fmt: skip
+        self._failure = ""
+
+    # ---- upkeep -------------------------------------------------------------------------------------
+
+    def _checkpoint(self) -> None:
+        try:
+            checkpoint(self._conn, self._wal)
+        except (OSError, sqlite3.Error) as exc:  # a busy or full disk: the next one will do
+            logger.debug("WAL checkpoint not done: %s", exc)
+
+    def _retain(self) -> None:
         try:
             removed = apply_retention(self.db, self.config, utc_now())
         except (sqlite3.Error, OSError) as exc:
@@ -340,84 +485,10 @@ def apply_retention(db: sqlite_utils.Database, config: StorageConfig, now: dt.da
         "(SELECT event_id FROM events ORDER BY started_at DESC LIMIT ?))",
         [cutoff, config.max_events],
     ).fetchall()
-    with db.atomic():
+    with transaction(db.conn):
         db.conn.executemany("DELETE FROM events WHERE event_id = ?", [(event_id,) for event_id, _ in doomed])
         db.execute("DELETE FROM source_status WHERE at < ?", [cutoff])
     for _, clip in doomed:
         if clip:
             Path(clip).unlink(missing_ok=True)
     return len(doomed)
-
-
-def _clip_files(directory: Path) -> list[Path]:
-    return sorted(directory.glob("*.wav"), key=lambda p: p.stat().st_mtime)
-
-
-def save_clip(job: ClipJob, config: ClipsConfig) -> Path | None:
-    """Write the clip as 16-bit WAV unless the disk is short; then keep all clips under the quota."""
-    job.directory.mkdir(parents=True, exist_ok=True)
-    free_mb = shutil.disk_usage(job.directory).free / 1e6
-    if free_mb < config.min_free_mb:
-        logger.warning(
-            "clip of event %s not saved: %.0f MB free in %s, floor is %.0f MB",
-            job.event_id, free_mb, job.directory, config.min_free_mb,
-        )  # fmt: skip
-        return None
-    stamp = job.started_at.strftime("%Y%m%dT%H%M%S")
-    path = job.directory / f"{job.stream}-{stamp}-{job.event_id[:8]}.wav"
-    tmp = path.with_suffix(".wav.partial")
-    sf.write(tmp, job.samples, job.sample_rate, subtype="PCM_16", format="WAV")
-    tmp.replace(path)
-    files = _clip_files(job.directory)
-    total = sum(p.stat().st_size for p in files)
-    quota = config.quota_mb * 1e6
-    for old in files:
-        if total <= quota:
-            break
-        total -= old.stat().st_size
-        old.unlink()
-        logger.info("clip quota (%.0f MB): deleted %s", config.quota_mb, old.name)
-    return path if path.exists() else None
-
-
-EVENT_COLUMNS = (
-    "event_id", "stream", "state", "started_at", "ended_at", "peak_score", "mean_score", "threshold",
-    "windows_over", "windows", "end_reason", "model_id", "clip_path", "node", "updated_at",
-)  # fmt: skip
-
-
-def read_events(
-    path: Path, since: dt.datetime | None = None, stream: str | None = None, updated_after: str | None = None
-) -> list[dict[str, Any]]:
-    """Events, oldest first, from a database another process may be writing (WAL readers never block)."""
-    if not path.is_file():
-        raise StoreError(f"{path}: no event database (has the daemon run with this config?)")
-    clauses, params = [], []
-    if since is not None:
-        clauses.append("(started_at >= ? OR ended_at IS NULL OR ended_at >= ?)")
-        params += [iso(since), iso(since)]
-    if stream is not None:
-        clauses.append("stream = ?")
-        params.append(stream)
-    if updated_after is not None:
-        clauses.append("updated_at >= ?")
-        params.append(updated_after)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10.0)
-        try:
-            conn.row_factory = sqlite3.Row
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"{path}: schema version {version} is newer than this anomalyd's")
-            if version == 0:
-                return []  # the daemon is creating it right now: no events yet
-            rows = conn.execute(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events {where} ORDER BY started_at, updated_at",
-                params,
-            ).fetchall()
-        finally:
-            conn.close()
-    except sqlite3.Error as exc:
-        raise StoreError(f"{path}: cannot read events ({exc})") from exc
-    return [dict(row) for row in rows]

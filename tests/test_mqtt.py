@@ -7,6 +7,8 @@ import json
 import logging
 import signal
 import sqlite3
+import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,16 @@ from anomalyd.mqtt import LinkState, Publisher
 from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, utc_now
 from anomalyd.store import Mutes, Outbox, StoreWriter, read_events
 from tests.daemon_helpers import DaemonProcess, write_config, write_recording
-from tests.mqtt_helpers import PASSWORD, USER, WATCHER, Broker, Subscriber, make_certificates, validate
+from tests.mqtt_helpers import (
+    PASSWORD,
+    USER,
+    WATCHER,
+    WATCHER_PASSWORD,
+    Broker,
+    Subscriber,
+    make_certificates,
+    validate,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +232,7 @@ def test_a_full_outbox_drops_scores_first_and_events_last(tmp_path: Path) -> Non
     for n in range(70):
         store.write(event(n, "update"))  # event messages only (updates carry no state)
     store.write(ScoreReport("s0", 0.3, 0.2, utc_now()))  # replaces the undelivered score of s0
-    assert outbox.dropped == {"score": 0, "source": 0, "state": 0, "discovery": 0, "event": 0}
+    assert outbox.dropped == {"score": 0, "source": 0, "state": 0, "mute": 0, "discovery": 0, "event": 0}
     for n in range(70, 110):
         store.write(event(n, "update"))
     count = store.db.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
@@ -298,3 +309,145 @@ def _events_in_outbox(folder: Path) -> int:
 
 def _received_ids(watcher: Subscriber) -> set[str]:
     return {json.loads(m.payload)["event_id"] for m in watcher.on("/event")}
+
+
+def mosquitto_pub(broker: Broker, *args: str) -> None:
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-u", WATCHER, "-P", WATCHER_PASSWORD,
+         "-q", "1", "-t", "anomalyd/edge1/fan/mute/set", *args],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+
+
+@pytest.mark.fault
+def test_garbage_on_the_command_topic_never_drops_the_link_nor_silences_alerts(
+    tmp_path: Path, broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`mosquitto_pub -r -m inf` used to raise OverflowError in the callback and tear the link down, and,
+    retained, again at every reconnect. Now each bad command is refused (acknowledged with the true mute
+    state and the reason), one short log line each, and alerts keep flowing."""
+    digits = tmp_path / "digits"
+    digits.write_bytes(b"9" * 1_000_000)
+    watcher = Subscriber(broker, "anomalyd/#")
+    with caplog.at_level(logging.INFO, logger="anomalyd"):
+        running = Running(mqtt_config(tmp_path, broker))
+        try:
+            running.wait_connected()
+            mosquitto_pub(broker, "-r", "-m", "inf")  # retained, as in the report
+            mosquitto_pub(broker, "-f", str(digits))  # 1 MB of digits
+            mosquitto_pub(broker, "-m", "1e12")
+            mosquitto_pub(broker, "-m", "-0")
+            acks = [json.loads(m.payload) for m in watcher.wait_for("/fan/mute", 4, timeout=10)]
+            assert [a["refused"] for a in acks] == [
+                "expected a number of seconds or 'off'", "longer than 32 bytes",
+                "expected a number of seconds or 'off'", "expected a number of seconds or 'off'",
+            ]  # fmt: skip
+            assert all(a["muted"] is False for a in acks)
+            running.store.put(event(1))
+            watcher.wait_for("/fan/event", 1, timeout=10)
+            assert running.publisher.state == LinkState.CONNECTED
+        finally:
+            running.stop()
+
+        # A restart: the broker hands the retained `inf` over again, flagged retained: refused as such.
+        running = Running(mqtt_config(tmp_path, broker))
+        try:
+            running.wait_connected()
+            ack = json.loads(watcher.wait_for("/fan/mute", 5, timeout=10)[-1].payload)
+            assert ack["refused"] == "retained command (publish it without -r)"
+            mosquitto_pub(broker, "-m", "600")  # a good command still works
+            ack = json.loads(watcher.wait_for("/fan/mute", 6, timeout=10)[-1].payload)
+            assert (ack["muted"], ack["refused"]) == (True, None)
+            running.store.put(event(1, "end"))  # announced before the mute: its end goes out
+            ends = watcher.wait_for("/fan/event", 2, timeout=10)
+            assert json.loads(ends[-1].payload)["type"] == "end"
+            assert running.publisher.state == LinkState.CONNECTED
+        finally:
+            running.stop()
+            watcher.close()
+    for m in watcher.messages:
+        validate(m)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("anomalyd")]
+    assert sum("MQTT: connected to" in line for line in lines) == 2  # once per run: never dropped
+    refusals = [line for line in lines if "refused:" in line]
+    assert len(refusals) == 5
+    assert all(len(line) < 200 for line in refusals)
+    assert not [r for r in caplog.records if r.exc_info or "handler failed" in r.getMessage()]
+
+
+@pytest.mark.fault
+def test_a_broker_outage_longer_than_the_back_off_keeps_the_heartbeat_and_resumes_at_once(
+    tmp_path: Path, broker: Broker
+) -> None:
+    config = mqtt_config(tmp_path, broker)
+    config = config.model_copy(update={"mqtt": config.mqtt.model_copy(
+        update={"retry_initial_seconds": 0.5, "retry_max_seconds": 15.0})})  # fmt: skip
+    # The back-off reaches 15 s during the outage; delivery must not wait for it.
+    running = Running(config)
+    staleness: list[float] = []
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            staleness.append(time.monotonic() - running.publisher.heartbeat)
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    try:
+        running.wait_connected()
+        broker.stop()
+        sampler.start()
+        time.sleep(5.0)
+        running.store.put(event(7))  # queued while the broker is away
+        time.sleep(20.0)  # longer than retry_max_seconds
+        link = running.publisher.link_status()
+        assert link.state != LinkState.CONNECTED
+        assert "cannot connect" in link.detail
+        broker.start()
+        back = time.monotonic()
+        watcher = Subscriber(broker, "anomalyd/edge1/fan/state")  # retained: seen however late it subscribes
+        try:
+            watcher.wait_for("/fan/state", 1, timeout=max(0.1, 5.0 - (time.monotonic() - back)))
+            took = time.monotonic() - back
+        finally:
+            watcher.close()
+    finally:
+        sampling.set()
+        if sampler.is_alive():
+            sampler.join(5)
+        running.stop()
+    assert max(staleness) < 2.0, f"heartbeat {max(staleness):.2f} s old during the outage"
+    conn = sqlite3.connect(tmp_path / "events.db")
+    assert conn.execute("SELECT count(*) FROM events").fetchone() == (1,)
+    print(f"outage of 25 s: delivery resumed {took:.2f} s after the broker returned; "
+          f"heartbeat at most {max(staleness):.2f} s old")  # fmt: skip
+
+
+def test_diagnostics_are_published_retained_on_change_and_after_a_reconnect(
+    tmp_path: Path, broker: Broker
+) -> None:
+    running = Running(mqtt_config(tmp_path, broker))
+    try:
+        running.publisher.set_diagnostics('{"storage": "ok"}')
+        running.wait_connected()
+        watcher = Subscriber(broker, "anomalyd/edge1/diagnostics")
+        assert watcher.wait_for("/diagnostics", 1, timeout=10)[-1].payload == '{"storage": "ok"}'
+        running.publisher.set_diagnostics('{"storage": "ok"}')  # unchanged: not sent again
+        running.publisher.set_diagnostics('{"storage": "degraded"}')
+        got = watcher.wait_for("/diagnostics", 2, timeout=10)
+        time.sleep(0.5)
+        assert [m.payload for m in watcher.on("/diagnostics")] == [
+            '{"storage": "ok"}',
+            '{"storage": "degraded"}',
+        ]
+        assert got[0].retain
+        watcher.close()
+        broker.stop()  # no persistence: the new broker knows nothing until the daemon says it again
+        broker.start()
+        running.wait_connected(timeout=15)
+        later = Subscriber(broker, "anomalyd/edge1/diagnostics")
+        retained = later.wait_for("/diagnostics", 1, timeout=10)[-1]
+        later.close()
+    finally:
+        running.stop()
+    assert (retained.payload, retained.retain) == ('{"storage": "degraded"}', True)
