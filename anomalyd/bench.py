@@ -119,7 +119,8 @@ def lag_under_overload(bundle: Path, streams: int, seconds: float = 20.0) -> tup
         assert pipeline.config is not None
         snapshot = take_snapshot(
             pipeline.streams(), now=utc_now(), max_lag_seconds=pipeline.config.inference.max_lag_seconds,
-            windows_scored=pipeline.windows_scored, blocks_dropped=pipeline.blocks_dropped, mqtt=None,
+            windows_scored=pipeline.windows_scored, blocks_dropped=pipeline.blocks_dropped,
+            storage=store.status(), mqtt=None,
         )  # fmt: skip
         pipeline.stop(2.0)
         store.stop(2.0)

@@ -31,7 +31,7 @@ from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
 from anomalyd.records import utc_now
 from anomalyd.sources.mic import MicIO
-from anomalyd.status import LagWatch, Snapshot, summary, take_snapshot
+from anomalyd.status import LagWatch, Snapshot, diagnostics_payload, stamped, summary, take_snapshot
 from anomalyd.store import Mutes, Outbox, StoreWriter
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class Daemon:
         self._notifier = Notifier()
         self._fatal: str | None = None  # the thread whose unexpected death stops the daemon
         self._lag = LagWatch()
+        self._store: StoreWriter | None = None
+        self._node = ""
+        self._diagnostics: dict[str, object] | None = None  # the last published, without its time
 
     def _on_thread_death(self, args: threading.ExceptHookArgs) -> None:
         """threading.excepthook: any thread's unexpected exception is fatal, never a silent dead thread."""
@@ -101,18 +104,18 @@ class Daemon:
     def _run(self, config: DaemonConfig) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-        mutes = Mutes()
         outbox = None
         if config.mqtt.enabled:
             outbox = Outbox(
-                Topics(config.mqtt.prefix, config.node_id), config.mqtt.outbox_max_messages, mutes
+                Topics(config.mqtt.prefix, config.node_id), config.mqtt.outbox_max_messages, Mutes()
             )
         try:
             store = StoreWriter(config.storage, outbox)
-            publisher = self._make_publisher(config, store, mutes)
+            publisher = self._make_publisher(config, store)
         except AnomalydError as exc:
             logger.error("cannot start: %s", exc)
             return EXIT_ERROR
+        self._store, self._node = store, config.node_id
         store.start()
         if publisher is not None:
             publisher.start()
@@ -155,7 +158,7 @@ class Daemon:
         return status
 
     @staticmethod
-    def _make_publisher(config: DaemonConfig, store: StoreWriter, mutes: Mutes) -> Publisher | None:
+    def _make_publisher(config: DaemonConfig, store: StoreWriter) -> Publisher | None:
         if not config.mqtt.enabled:
             return None
         return Publisher(
@@ -164,7 +167,6 @@ class Daemon:
             streams=[s.name for s in config.streams],
             database=config.storage.database,
             sink=store,
-            mutes=mutes,
         )
 
     def _serve(self, pipeline: Pipeline, store: StoreWriter) -> None:
@@ -197,7 +199,9 @@ class Daemon:
                 )  # fmt: skip
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
-                self._notifier.status(self._summary(pipeline))
+                snapshot = self._snapshot(pipeline)
+                self._notifier.status(summary(snapshot))
+                self._publish_diagnostics(snapshot)
 
     def _apply_reload(self, pipeline: Pipeline) -> None:
         self._notifier.reloading()
@@ -221,14 +225,27 @@ class Daemon:
 
     def _snapshot(self, pipeline: Pipeline) -> Snapshot:
         assert pipeline.config is not None
+        assert self._store is not None
+        link = self._publisher.link_status() if self._publisher is not None else None
         return take_snapshot(
             pipeline.streams(),
             now=utc_now(),
             max_lag_seconds=pipeline.config.inference.max_lag_seconds,
             windows_scored=pipeline.windows_scored,
             blocks_dropped=pipeline.blocks_dropped,
-            mqtt=None if self._publisher is None else self._publisher.state.value,
+            storage=self._store.status(),
+            mqtt=None if link is None else link.state.value,
+            mqtt_detail="" if link is None else link.detail,
         )
+
+    def _publish_diagnostics(self, snapshot: Snapshot) -> None:
+        """The node's retained diagnostics, when anything but their time changed."""
+        if self._publisher is None:
+            return
+        payload = diagnostics_payload(snapshot, self._node)
+        if payload != self._diagnostics:
+            self._diagnostics = payload
+            self._publisher.set_diagnostics(stamped(payload, snapshot.at))
 
     def _summary(self, pipeline: Pipeline) -> str:
         return summary(self._snapshot(pipeline))

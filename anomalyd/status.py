@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from anomalyd.records import iso
+from anomalyd.store import StoreStatus
 from anomalyd.stream import StreamRuntime
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,9 @@ class Snapshot:
     windows_scored: int
     blocks_dropped: int
     max_lag_seconds: float
+    storage: StoreStatus
     mqtt: str | None = None  # link state, None without MQTT
+    mqtt_detail: str = ""  # the last connection failure while not connected
 
     @property
     def lagging(self) -> list[StreamView]:
@@ -49,7 +52,9 @@ def take_snapshot(
     max_lag_seconds: float,
     windows_scored: int,
     blocks_dropped: int,
+    storage: StoreStatus,
     mqtt: str | None,
+    mqtt_detail: str = "",
 ) -> Snapshot:
     views = []
     for runtime in runtimes:
@@ -64,7 +69,9 @@ def take_snapshot(
                 lagging=lag is not None and lag > max_lag_seconds,
             )
         )
-    return Snapshot(now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, mqtt)
+    return Snapshot(
+        now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, storage, mqtt, mqtt_detail
+    )
 
 
 def summary(snapshot: Snapshot) -> str:
@@ -77,8 +84,11 @@ def summary(snapshot: Snapshot) -> str:
     if lagging:
         worst = max(s.lag_seconds or 0.0 for s in lagging)
         parts.append(f"{len(lagging)} lagging (up to {worst:.1f} s behind)")
+    if snapshot.storage.state != "ok":
+        parts.append(f"event log {snapshot.storage.state}: {snapshot.storage.detail}")
     if snapshot.mqtt is not None:
-        parts.append(f"MQTT {snapshot.mqtt}")
+        failing = snapshot.mqtt != "connected" and snapshot.mqtt_detail
+        parts.append(f"MQTT {snapshot.mqtt}" + (f" ({snapshot.mqtt_detail})" if failing else ""))
     if snapshot.blocks_dropped:
         parts.append(f"{snapshot.blocks_dropped} audio blocks dropped")
     parts.append(f"{snapshot.windows_scored} windows scored")
@@ -90,6 +100,7 @@ def diagnostics_payload(snapshot: Snapshot, node: str) -> dict[str, object]:
     return {
         "node": node,
         "mqtt": snapshot.mqtt,
+        "storage": snapshot.storage.as_dict(),
         "blocks_dropped": snapshot.blocks_dropped,
         "max_lag_seconds": snapshot.max_lag_seconds,
         "streams": {
