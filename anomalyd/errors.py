@@ -29,3 +29,7 @@ class IncompatibleBundleError(BundleError):
 
 class ConfigError(AnomalydError):
     """A configuration file or option that fails validation."""
+
+
+class ScoreError(AnomalydError):
+    """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""

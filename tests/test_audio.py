@@ -114,7 +114,9 @@ def test_nan_samples_are_refused(tmp_path: Path) -> None:
     x = tone()
     x[100] = np.nan
     sf.write(tmp_path / "nan.wav", x, RATE, subtype="FLOAT")
-    with pytest.raises(AudioError, match="NaN"):
+    with pytest.raises(
+        AudioError, match=r"nan\.wav: sample 100 is nan; allowed: finite values \(no NaN or inf\)"
+    ):
         load_audio(tmp_path / "nan.wav", RATE)
 
 
