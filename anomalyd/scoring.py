@@ -77,7 +77,10 @@ class ClipScorer:
 
     def _errors(self, normalised: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """(n, n_mels, n_frames) normalised windows -> (n,) window scores."""
-        return window_errors(normalised, self.autoencoder.reconstruct(normalised), self.geometry.pool_frames)
+        reconstructed = self.autoencoder.reconstruct(normalised)
+        # Overflow is not warned about here: a score that is not finite is refused explicitly, in one line.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return window_errors(normalised, reconstructed, self.geometry.pool_frames)
 
     def score_logmel(self, logmel: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
         """Score a (n_mels, n_frames) log-mel of at least one window."""
@@ -124,7 +127,8 @@ class ClipScorer:
                 f"{source}: window {first} (from {start:.2f} s) scored {float(errors[first])}, "
                 "not a finite number: no verdict"
             )
-        score = aggregate(errors)
+        with np.errstate(over="ignore"):
+            score = aggregate(errors)
         if not math.isfinite(score):
             raise ScoreError(f"{source}: clip score {score} is not a finite number: no verdict")
         return ClipScore(score=score, window_errors=errors)

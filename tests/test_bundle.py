@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import stat
@@ -15,12 +14,13 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from anomalyd.bundle import load_bundle, make_world_readable, sha256_file
 from anomalyd.errors import BundleError, ChecksumError, IncompatibleBundleError
 from anomalyd.inference import open_autoencoder
 from anomalyd.scoring import ClipScorer
+from tests.bundle_helpers import WINDOWS, edit_meta, install_graph, rehash, window_info
 from tests.conftest import ROOT
 from training.export import ONNX_IR_VERSION
 
@@ -32,12 +32,6 @@ def copy(bundle_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
     shutil.copytree(bundle_dir, target)
     return target
-
-
-def edit_meta(bundle: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    meta = json.loads((bundle / "model.json").read_text())
-    change(meta)
-    (bundle / "model.json").write_text(json.dumps(meta))
 
 
 def test_good_bundle_loads(bundle_dir: Path) -> None:
@@ -147,11 +141,6 @@ def test_runtime_scores_without_torch(bundle_dir: Path, synth_train: Path) -> No
     )
     assert result.returncode == 0, result.stderr
     assert clip.name in result.stdout
-
-
-def rehash(bundle: Path, name: str) -> None:
-    """Record `name`'s current checksum in model.json, as someone tampering with care would."""
-    edit_meta(bundle, lambda m: m["files"].update({name: sha256_file(bundle / name)}))
 
 
 def nested(depth: int) -> Any:
@@ -322,25 +311,6 @@ def test_filterbank_header_is_checked_before_its_data(copy: Path) -> None:
     rehash(copy, "mel_filterbank.npy")
     with pytest.raises(BundleError, match=r"mel_filterbank\.npy: "):
         load_bundle(copy)
-
-
-def window_info(name: str, shape: list[Any], kind: int = TensorProto.FLOAT) -> onnx.ValueInfoProto:
-    return helper.make_tensor_value_info(name, kind, shape)
-
-
-WINDOWS = ["batch", 1, 128, 64]
-
-
-def install_graph(
-    bundle: Path, nodes: list[onnx.NodeProto], inputs: list[Any], outputs: list[Any], **kw: Any
-) -> None:
-    """Replace the bundle's model.onnx with a hand-made graph, checksum and all."""
-    constants = [numpy_helper.from_array(v, k) for k, v in kw.pop("constants", {}).items()]
-    graph = helper.make_graph(nodes, "g", inputs, outputs, initializer=constants)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = kw.pop("ir_version", 8)
-    onnx.save(model, str(bundle / "model.onnx"))
-    rehash(bundle, "model.onnx")
 
 
 def test_a_graph_that_returns_its_input_shape_loads(copy: Path) -> None:
