@@ -49,8 +49,9 @@ class Autoencoder:
         except OSError as exc:
             raise BundleError(f"{model_path}: cannot read ({exc.strerror or exc})") from exc
         try:
+            # No fallback: on failure ONNX Runtime would print a banner to stdout and retry the same provider.
             self._session = ort.InferenceSession(
-                model, sess_options=options, providers=["CPUExecutionProvider"]
+                model, sess_options=options, providers=["CPUExecutionProvider"], enable_fallback=0
             )
             inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
             signature = [(x.name, x.type, x.shape) for x in (*inputs, *outputs)]
