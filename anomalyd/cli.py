@@ -81,8 +81,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     devices = input_devices()
     if not devices:
-        print("no input devices found", file=sys.stderr)
-        return 1
+        error("no input devices found")
+        return EXIT_ERROR
     print(f"{'index':>5}  {'channels':>8}  {'rate':>6}  {'host API':<12}  name")
     for d in devices:
         print(f"{d.index:>5}  {d.channels:>8}  {d.default_rate:>6}  {d.host_api:<12}  {d.name}")

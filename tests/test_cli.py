@@ -364,3 +364,19 @@ def test_an_unexpected_error_is_exit_2_and_one_line_the_traceback_only_with_v(
     monkeypatch.setattr(cli, "load_bundle", interrupted)
     assert cli.main(["score", "--bundle", str(tmp_path), "x.wav"]) == 130
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["events", "--database", "{tmp}/absent.db"], "absent.db: no event database"),
+        (["events", "--database", "{tmp}", "--since", "yesterday"], "--since 'yesterday': expected an age"),
+        (["check-config", "{tmp}/absent.toml"], "absent.toml: cannot read config"),
+        (["score", "--bundle", "{tmp}", "x.wav"], "not a model bundle"),
+    ],
+    ids=["events-no-db", "events-since", "check-config", "score-bundle"],
+)
+def test_every_command_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run(*ANOMALYD, *(a.format(tmp=tmp_path) for a in args))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, message)
