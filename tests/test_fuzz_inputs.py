@@ -169,7 +169,7 @@ def mutated_audio(draw: st.DrawFn, seeds: dict[str, Path]) -> Mutated:
     return Mutated(name, done, bytes(data))
 
 
-@settings(FUZZ, max_examples=300)
+@settings(FUZZ, max_examples=400)
 @given(data=st.data())
 def test_mutated_audio_gets_a_real_verdict_or_one_error_line(
     data: st.DataObject,
@@ -246,7 +246,7 @@ def corrupt_bytes(draw: Draw, path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@settings(FUZZ, max_examples=360)
+@settings(FUZZ, max_examples=450)
 @given(data=st.data())
 def test_tampered_bundles_are_refused_in_one_line_or_score_for_real(
     data: st.DataObject, bundle_dir: Path, clip: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
