@@ -1,13 +1,20 @@
 """Audio in: the one loader used by training, evaluation, `anomalyd score` and file replay.
 
-Whatever the file holds (int16/24/32 or float WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, any rate, any channel
-count), callers get float32 mono samples in [-1, 1] at the rate they ask for. Files that cannot be trusted
-(missing, empty, truncated, not audio) raise `AudioError` with one line naming the file.
+Whatever the file holds (int16/24/32 or float WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, any supported rate, any
+channel count), callers get float32 mono samples at the rate they ask for. Files that cannot be trusted
+(missing, empty, truncated, not audio, a sample rate outside the supported range, NaN/inf or absurd sample
+values) raise `AudioError` with one line naming the file.
+
+Files are decoded block by block into one reused buffer and resampled chunk by chunk, so memory does not
+depend on what a header declares (length, channel count) nor on how long the file really is:
+`stream_audio` holds at most one block; `load_audio` (whole files, for training) refuses files longer
+than `MAX_LOAD_SECONDS`.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +27,16 @@ from anomalyd.errors import AudioError
 # Extensions the loader is asked to handle; libsndfile decides the real format from the header.
 AUDIO_SUFFIXES = (".wav", ".flac")
 
+MIN_SAMPLE_RATE = 1_000  # Hz; a lower declared rate is a damaged header, refused before decoding
+MAX_SAMPLE_RATE = 384_000  # Hz; the highest rate of common audio interfaces
+MAX_ABS_SAMPLE = 16.0  # +24 dBFS: float files may exceed full scale a little; beyond this it is damage
+MAX_LOAD_SECONDS = 600.0  # longest file loaded whole (training input); `anomalyd score` streams instead
+BLOCK_SECONDS = 1.0  # audio decoded per step
+BLOCK_BYTES = 8 << 20  # and at most this much of it, all channels as float32 (a header may claim 1024)
+
 # Streaming WAV writers put this in a size field they never come back to fill in.
 _UNKNOWN_RIFF_SIZE = 0xFFFFFFFF
+_DECODE_ERRORS = (sf.LibsndfileError, RuntimeError, OSError, struct.error)
 
 
 def _declared_wav_data_bytes(path: Path) -> tuple[int, int] | None:
@@ -58,14 +73,19 @@ def _check_not_truncated(path: Path) -> None:
 
 
 def check_readable(path: Path, channel: int = 0) -> sf._SoundFileInfo:
-    """Header checks without decoding: exists, is audio, not truncated, has samples and the channel."""
-    if not path.is_file():
-        raise AudioError(f"{path}: no such file")
+    """Header checks without decoding: exists, is audio, not truncated, a supported rate, has the channel."""
     try:
+        if not path.is_file():
+            raise AudioError(f"{path}: no such file")
         _check_not_truncated(path)
         info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, OSError, struct.error) as exc:
+    except _DECODE_ERRORS as exc:
         raise AudioError(f"{path}: not a readable audio file ({exc})") from exc
+    if not MIN_SAMPLE_RATE <= info.samplerate <= MAX_SAMPLE_RATE:
+        raise AudioError(
+            f"{path}: declares a sample rate of {info.samplerate} Hz; "
+            f"supported: {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE} Hz"
+        )
     if info.frames == 0:
         raise AudioError(f"{path}: holds no audio samples")
     if not 0 <= channel < info.channels:
@@ -75,37 +95,115 @@ def check_readable(path: Path, channel: int = 0) -> sf._SoundFileInfo:
     return info
 
 
-def read_audio(path: str | Path, channel: int = 0) -> tuple[npt.NDArray[np.float32], int]:
+def check_samples(samples: npt.NDArray[np.float32], source: str, offset: int = 0) -> None:
+    """Refuse NaN, infinite or absurd (|x| > MAX_ABS_SAMPLE) samples; `offset` numbers the first one."""
+    good = np.abs(samples) <= MAX_ABS_SAMPLE  # False for NaN too
+    if not good.all():
+        first = int(np.argmin(good))
+        raise AudioError(
+            f"{source}: sample {offset + first} is {float(samples[first])!r}; allowed: finite values "
+            f"(no NaN or inf) within +-{MAX_ABS_SAMPLE:g} (+24 dBFS)"
+        )
+
+
+def _decode(path: Path, info: sf._SoundFileInfo, channel: int) -> Iterator[npt.NDArray[np.float32]]:
+    """One channel of the file as float32 blocks at its own rate, checked, until the data really ends."""
+    frames = max(1, min(int(info.samplerate * BLOCK_SECONDS), BLOCK_BYTES // (4 * info.channels)))
+    position = 0
+    try:
+        with sf.SoundFile(str(path)) as f:
+            buffer = np.empty((frames, f.channels), dtype=np.float32)
+            while True:
+                # Reads into the one buffer and stops at the real end of the data, whatever the header
+                # declared (soundfile's `blocks` trusts the declared length).
+                data = f.read(out=buffer)
+                if len(data) == 0:
+                    return
+                samples = data[:, channel].copy()  # the buffer is reused for the next block
+                check_samples(samples, str(path), position)
+                position += len(samples)
+                yield samples
+    except _DECODE_ERRORS as exc:
+        raise AudioError(f"{path}: not a readable audio file ({exc})") from exc
+
+
+def resample_blocks(
+    blocks: Iterable[npt.NDArray[np.float32]], rate: int, target_rate: int
+) -> Iterator[npt.NDArray[np.float32]]:
+    """Resample a sequence of (n,) float32 blocks chunk by chunk; the output equals one-shot resampling."""
+    if rate == target_rate:
+        yield from blocks
+        return
+    stream = soxr.ResampleStream(rate, target_rate, 1, dtype="float32", quality="HQ")
+    for block in blocks:
+        out = np.asarray(stream.resample_chunk(block), dtype=np.float32)
+        if len(out):
+            yield out
+    tail = np.asarray(stream.resample_chunk(np.empty(0, dtype=np.float32), last=True), dtype=np.float32)
+    if len(tail):
+        yield tail
+
+
+def stream_audio(path: str | Path, sample_rate: int, channel: int = 0) -> Iterator[npt.NDArray[np.float32]]:
+    """One channel of an audio file as float32 blocks at `sample_rate` Hz, in memory bounded by one block.
+
+    Raises AudioError (when iterated) for a file that cannot be used, naming the file.
+    """
+    path = Path(path)
+    info = check_readable(path, channel)
+    yield from resample_blocks(_decode(path, info, channel), info.samplerate, sample_rate)
+
+
+def _concatenate(
+    path: Path, blocks: Iterator[npt.NDArray[np.float32]], limit: int, rate: int, max_seconds: float
+) -> npt.NDArray[np.float32]:
+    parts, total = [], 0
+    for block in blocks:
+        total += len(block)
+        if total > limit:
+            raise AudioError(_too_long(path, total / rate, max_seconds))
+        parts.append(block)
+    if total == 0:
+        raise AudioError(f"{path}: holds no audio samples")
+    return np.concatenate(parts)
+
+
+def _too_long(path: Path, seconds: float, max_seconds: float) -> str:
+    return (
+        f"{path}: {seconds:.0f} s of audio, longer than the {max_seconds:.0f} s a file may hold to be "
+        "loaded whole; split it into shorter files"
+    )
+
+
+def read_audio(
+    path: str | Path, channel: int = 0, max_seconds: float = MAX_LOAD_SECONDS
+) -> tuple[npt.NDArray[np.float32], int]:
     """Read one channel of an audio file as float32 samples at the file's own rate.
 
     Returns (samples, sample_rate) with samples of shape (n_samples,).
     """
     path = Path(path)
-    check_readable(path, channel)
-    try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError) as exc:
-        raise AudioError(f"{path}: not a readable audio file ({exc})") from exc
-    if len(data) == 0:
-        raise AudioError(f"{path}: holds no audio samples")
-    samples = np.ascontiguousarray(data[:, channel])
-    if not np.all(np.isfinite(samples)):
-        raise AudioError(f"{path}: holds NaN or infinite samples")
-    return samples, int(rate)
+    info = check_readable(path, channel)
+    rate = int(info.samplerate)
+    if info.frames > max_seconds * rate:
+        raise AudioError(_too_long(path, info.frames / rate, max_seconds))
+    return _concatenate(path, _decode(path, info, channel), int(max_seconds * rate), rate, max_seconds), rate
 
 
-def resample(samples: npt.NDArray[np.float32], rate: int, target_rate: int) -> npt.NDArray[np.float32]:
-    """Resample (n_samples,) float32 audio from `rate` Hz to `target_rate` Hz (soxr, high quality)."""
-    if rate == target_rate:
-        return samples
-    out = soxr.resample(samples, rate, target_rate, quality="HQ")
-    return np.asarray(out, dtype=np.float32)
+def load_audio(
+    path: str | Path, sample_rate: int, channel: int = 0, max_seconds: float = MAX_LOAD_SECONDS
+) -> npt.NDArray[np.float32]:
+    """Load one channel of an audio file as float32 mono at `sample_rate` Hz, shape (n_samples,).
 
-
-def load_audio(path: str | Path, sample_rate: int, channel: int = 0) -> npt.NDArray[np.float32]:
-    """Load one channel of an audio file as float32 mono at `sample_rate` Hz, shape (n_samples,)."""
-    samples, rate = read_audio(path, channel)
-    return resample(samples, rate, sample_rate)
+    Files longer than `max_seconds` are refused: the whole file is held in memory.
+    """
+    path = Path(path)
+    info = check_readable(path, channel)
+    if info.frames > max_seconds * info.samplerate:
+        raise AudioError(_too_long(path, info.frames / info.samplerate, max_seconds))
+    blocks = resample_blocks(_decode(path, info, channel), info.samplerate, sample_rate)
+    # One second of slack: the resampler's last block may round up.
+    return _concatenate(path, blocks, int((max_seconds + 1) * sample_rate), sample_rate, max_seconds)
 
 
 def list_audio_files(directory: str | Path) -> list[Path]:

@@ -6,15 +6,18 @@
     model.json            everything else: feature parameters, window geometry, normalisation,
                           threshold statistics, training data fingerprint, versions, checksums
 
-Loading checks the format version, the feature parameters, the shapes and every file's SHA-256, so that a
-bundle that is damaged or was made for other features is a clear error, never a silently wrong score.
+Loading checks every field of model.json (types and ranges, see `anomalyd.bundle_schema`), the feature
+parameters against each other, that every listed file lies inside the folder and matches its SHA-256, and
+the filterbank's header before its data, so that a bundle that is damaged, tampered with or made for other
+features is one clear `BundleError`, never a silently wrong score nor a crash. `anomalyd.inference` then
+checks the graph itself when it builds the ONNX Runtime session.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
+import reprlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from anomalyd.bundle_schema import MetaDoc, parse_meta
 from anomalyd.errors import BundleError, ChecksumError, IncompatibleBundleError
 from anomalyd.features import FeatureParams
 from anomalyd.windows import Normalisation, WindowGeometry
@@ -33,6 +37,11 @@ MODEL_FILE = "model.onnx"
 FILTERBANK_FILE = "mel_filterbank.npy"
 WEIGHTS_FILE = "weights.safetensors"
 REQUIRED_FILES = (MODEL_FILE, FILTERBANK_FILE)
+MAX_META_BYTES = 16 << 20  # model.json; one this anomalyd writes is tens of kB
+MAX_FILE_BYTES = 256 << 20  # each listed file; a model.onnx of the default architecture is ~300 kB
+
+_short_repr = reprlib.Repr()  # bounded, for values and messages that come from a damaged file
+_short_repr.maxstring = _short_repr.maxother = 80
 
 
 def sha256_file(path: Path) -> str:
@@ -80,16 +89,6 @@ class Threshold:
             "n_windows": self.window_scores.n,
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Threshold:
-        return cls(
-            clip_scores=ScoreStats(float(data["mean"]), float(data["std"]), int(data["n_clips"])),
-            window_scores=ScoreStats(
-                float(data["window_mean"]), float(data["window_std"]), int(data["n_windows"])
-            ),
-            k=float(data["k"]),
-        )
-
 
 @dataclass(frozen=True)
 class BundleMeta:
@@ -124,22 +123,6 @@ class BundleMeta:
             "versions": self.versions,
         }
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BundleMeta:
-        return cls(
-            model_id=str(data["model_id"]),
-            created_at=str(data["created_at"]),
-            features=FeatureParams.from_dict(data["features"]),
-            window=WindowGeometry(**data["window"]),
-            normalisation=Normalisation.from_dict(data["normalisation"]),
-            threshold=Threshold.from_dict(data["threshold"]),
-            files={str(k): str(v) for k, v in data["files"].items()},
-            architecture=dict(data.get("architecture", {})),
-            training=dict(data.get("training", {})),
-            export=dict(data.get("export", {})),
-            versions={str(k): str(v) for k, v in data.get("versions", {}).items()},
-        )
-
 
 @dataclass(frozen=True)
 class Bundle:
@@ -152,36 +135,79 @@ class Bundle:
         return self.path / MODEL_FILE
 
 
+def make_world_readable(directory: Path) -> None:
+    """Folder 0755, files 0644, whatever the umask: the daemon may run as another user than training.
+
+    (safetensors, for one, writes its files 0600.)
+    """
+    directory.chmod(0o755)
+    for path in directory.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o644)
+
+
 def write_meta(directory: Path, meta: BundleMeta) -> Path:
     """Write model.json atomically (temp file + rename) so that a crash never leaves half a bundle."""
     target = directory / META_FILE
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
+    tmp.write_text(json.dumps(meta.to_dict(), indent=2, allow_nan=False) + "\n")
+    tmp.chmod(0o644)
     tmp.replace(target)
     return target
 
 
+def _cannot_read(path: Path, exc: OSError) -> BundleError:
+    return BundleError(f"{path}: cannot read ({exc.strerror or exc})")
+
+
 def _read_meta(directory: Path) -> BundleMeta:
     meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise BundleError(f"{directory}: not a model bundle ({META_FILE} missing)")
     try:
-        data = json.loads(meta_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{meta_path}: corrupt, not valid JSON ({exc})") from exc
+        if not meta_path.is_file():
+            raise BundleError(f"{directory}: not a model bundle ({META_FILE} missing)")
+        size = meta_path.stat().st_size
+        if size > MAX_META_BYTES:
+            raise BundleError(f"{meta_path}: {size} bytes; a {META_FILE} may hold {MAX_META_BYTES} at most")
+        raw = meta_path.read_bytes()
+    except OSError as exc:
+        raise _cannot_read(meta_path, exc) from exc
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # ValueError covers bad JSON, bad UTF-8 and huge integers
+        raise BundleError(f"{meta_path}: corrupt, not valid JSON ({_short_repr.repr(str(exc))})") from exc
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path}: not an anomalyd bundle (format is not {BUNDLE_FORMAT!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
         raise IncompatibleBundleError(
-            f"{meta_path}: bundle format version {data.get('format_version')!r}, "
+            f"{meta_path}: bundle format version {_short_repr.repr(version)}, "
             f"this anomalyd reads version {FORMAT_VERSION}"
         )
-    try:
-        return BundleMeta.from_dict(data)
-    except KeyError as exc:
-        raise BundleError(f"{meta_path}: missing or unknown field {exc}") from exc
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"{meta_path}: malformed field ({exc})") from exc
+    return _meta_from_doc(parse_meta(meta_path, data))
+
+
+def _meta_from_doc(doc: MetaDoc) -> BundleMeta:
+    t = doc.threshold
+    return BundleMeta(
+        model_id=doc.model_id,
+        created_at=doc.created_at,
+        features=FeatureParams(**doc.features.model_dump()),
+        window=WindowGeometry(**doc.window.model_dump()),
+        normalisation=Normalisation(
+            mean=np.asarray(doc.normalisation.mean, dtype=np.float32),
+            std=np.asarray(doc.normalisation.std, dtype=np.float32),
+        ),
+        threshold=Threshold(
+            clip_scores=ScoreStats(t.mean, t.std, t.n_clips),
+            window_scores=ScoreStats(t.window_mean, t.window_std, t.n_windows),
+            k=t.k,
+        ),
+        files=dict(doc.files),
+        architecture=dict(doc.architecture),
+        training=dict(doc.training),
+        export=dict(doc.export),
+        versions=dict(doc.versions),
+    )
 
 
 def _check_compatible(meta_path: Path, meta: BundleMeta) -> None:
@@ -192,16 +218,36 @@ def _check_compatible(meta_path: Path, meta: BundleMeta) -> None:
             problems.append(
                 f"normalisation {name} has {values.size} values, features have {n_mels} mel bands"
             )
-    if not np.all(meta.normalisation.std > 0):
-        problems.append("normalisation std has values <= 0")
     w = meta.window
-    if min(w.n_frames, w.hop_frames, w.pool_frames) <= 0 or w.n_frames % w.pool_frames:
+    if w.n_frames % w.pool_frames:
         problems.append(f"window sizes must be positive and pool_frames divide n_frames, got {w}")
-    t = meta.threshold
-    if not all(math.isfinite(v) for v in (t.value, t.window_scores.mean, t.window_scores.std)):
-        problems.append("threshold statistics are not finite")
     if problems:
         raise IncompatibleBundleError(f"{meta_path}: incompatible feature parameters: {'; '.join(problems)}")
+
+
+def _checked_file(directory: Path, name: str) -> Path:
+    """The listed file, resolved: it must exist inside the bundle folder (links included) and be small."""
+    path = directory / name
+    try:
+        real = path.resolve(strict=True)
+        inside = real.is_relative_to(directory.resolve(strict=True))
+        regular = real.is_file()
+        size = real.stat().st_size
+    except FileNotFoundError as exc:
+        raise BundleError(f"{path}: missing from the bundle") from exc
+    except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+    except RuntimeError as exc:  # a symbolic link loop (Python 3.11)
+        raise BundleError(f"{path}: cannot be resolved ({exc})") from exc
+    if not inside:
+        raise BundleError(
+            f"{path}: leads to {real}, outside the bundle folder; bundle files must lie inside it"
+        )
+    if not regular:
+        raise BundleError(f"{path}: not a regular file")
+    if size > MAX_FILE_BYTES:
+        raise BundleError(f"{path}: {size} bytes; a bundle file may hold {MAX_FILE_BYTES} at most")
+    return real
 
 
 def _verify_files(directory: Path, meta: BundleMeta) -> None:
@@ -209,38 +255,73 @@ def _verify_files(directory: Path, meta: BundleMeta) -> None:
         if name not in meta.files:
             raise BundleError(f"{directory / META_FILE}: lists no checksum for {name}")
     for name, expected in meta.files.items():
-        path = directory / name
-        if not path.is_file():
-            raise BundleError(f"{path}: missing from the bundle")
-        actual = sha256_file(path)
+        path = _checked_file(directory, name)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise _cannot_read(directory / name, exc) from exc
         if actual != expected:
             raise ChecksumError(
-                f"{path}: checksum mismatch (sha256 {actual[:12]}..., "
+                f"{directory / name}: checksum mismatch (sha256 {actual[:12]}..., "
                 f"model.json expects {expected[:12]}...): "
                 "the file is corrupt or from another bundle"
             )
 
 
-def load_filterbank(path: Path) -> npt.NDArray[np.float32]:
+def load_filterbank(path: Path, shape: tuple[int, int]) -> npt.NDArray[np.float32]:
+    """The (n_mels, n_freqs) filterbank; its header is checked before any data is read."""
     try:
-        filterbank = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: unreadable mel filterbank ({exc})") from exc
-    return np.asarray(filterbank, dtype=np.float32)
+        # Memory-mapped: a header that declares a huge array costs nothing until it is refused.
+        mapped = np.load(path, mmap_mode="r", allow_pickle=False)
+        if not isinstance(mapped, np.ndarray):
+            raise BundleError(f"{path}: not a .npy array (an .npz archive?)")
+        if mapped.shape != shape or mapped.dtype.kind != "f":
+            raise IncompatibleBundleError(
+                f"{path}: shape {mapped.shape}, feature parameters need {shape} "
+                f"(of floats, got {mapped.dtype})"
+            )
+        filterbank = np.array(mapped, dtype=np.float32)
+        del mapped
+    except OSError as exc:
+        raise _cannot_read(path, exc) from exc
+    except BundleError:
+        raise
+    except Exception as exc:  # numpy's header parser raises ValueError, EOFError, SyntaxError, TokenError...
+        raise BundleError(
+            f"{path}: unreadable mel filterbank ({type(exc).__name__}: {_short_repr.repr(str(exc))})"
+        ) from exc
+    if not (np.all(np.isfinite(filterbank)) and np.all(filterbank >= 0)):
+        raise BundleError(f"{path}: mel filterbank holds negative, NaN or infinite weights")
+    return filterbank
 
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Load and check a bundle directory; raises a BundleError subclass naming what is wrong."""
-    directory = Path(path)
-    if not directory.is_dir():
-        raise BundleError(f"{directory}: no such bundle directory")
+def _load(directory: Path) -> Bundle:
+    try:
+        if not directory.is_dir():
+            raise BundleError(f"{directory}: no such bundle directory")
+    except OSError as exc:
+        raise _cannot_read(directory, exc) from exc
     meta = _read_meta(directory)
     _check_compatible(directory / META_FILE, meta)
     _verify_files(directory, meta)
-    filterbank = load_filterbank(directory / FILTERBANK_FILE)
-    expected = (meta.features.n_mels, meta.features.n_freqs)
-    if filterbank.shape != expected:
-        raise IncompatibleBundleError(
-            f"{directory / FILTERBANK_FILE}: shape {filterbank.shape}, feature parameters need {expected}"
-        )
+    filterbank = load_filterbank(directory / FILTERBANK_FILE, (meta.features.n_mels, meta.features.n_freqs))
     return Bundle(path=directory, meta=meta, filterbank=filterbank)
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and check a bundle directory; raises a BundleError subclass naming what is wrong.
+
+    Only BundleError, whatever the folder holds: a reload onto a bad bundle must be refusable, never a
+    crash. Every expected failure has its own message above; the last clause is a safety net whose
+    "unexpected" message would be a bug to fix.
+    """
+    directory = Path(path)
+    try:
+        return _load(directory)
+    except BundleError:
+        raise
+    except Exception as exc:
+        raise BundleError(
+            f"{directory}: unexpected error loading the bundle ({type(exc).__name__}: "
+            f"{_short_repr.repr(str(exc))})"
+        ) from exc

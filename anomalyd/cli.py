@@ -1,17 +1,25 @@
-"""The `anomalyd` command. Library errors become one clear line on stderr and an exit status."""
+"""The `anomalyd` command. Library errors become one clear line on stderr and an exit status.
+
+Every command exits 2 on any error, expected or not: `anomalyd: error: ...` on stderr, the traceback only
+with `-v`. `score` exits 0 or 1 only for real verdicts (all normal / some anomalous).
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import logging
+import math
 import sys
+import traceback
 from pathlib import Path
 
 from anomalyd import __version__
 from anomalyd.bundle import load_bundle
-from anomalyd.config import DEFAULT_CONFIG, load_config
+from anomalyd.bundle_schema import MAX_K
+from anomalyd.config import DEFAULT_CONFIG, config_warnings, load_config
 from anomalyd.errors import AnomalydError
+from anomalyd.inference import open_autoencoder
 from anomalyd.scoring import ClipScorer, is_anomalous
 
 logger = logging.getLogger("anomalyd")
@@ -19,15 +27,19 @@ logger = logging.getLogger("anomalyd")
 EXIT_NORMAL = 0
 EXIT_ANOMALY = 1
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+MAX_THREADS = 64
+
+
+def error(message: str) -> None:
+    """Each line of `message` as `anomalyd: error: ...` on stderr (config errors list one per line)."""
+    for line in message.splitlines() or [""]:
+        print(f"anomalyd: error: {line}", file=sys.stderr)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score audio files against a bundle: 0 all normal, 1 any anomalous, 2 any error."""
-    try:
-        bundle = load_bundle(args.bundle)
-    except AnomalydError as exc:
-        print(f"anomalyd: error: {exc}", file=sys.stderr)
-        return EXIT_ERROR
+    bundle = load_bundle(args.bundle)
     scorer = ClipScorer.from_bundle(bundle, threads=args.threads)
     threshold = bundle.meta.threshold
     if args.k is not None:
@@ -37,7 +49,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         try:
             score = scorer.score_file(path, channel=args.channel).score
         except AnomalydError as exc:
-            print(f"anomalyd: error: {exc}", file=sys.stderr)
+            error(str(exc))
             status = EXIT_ERROR
             continue
         anomalous = is_anomalous(score, threshold)
@@ -55,14 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """Validate the config and load every bundle it names; 0 when the daemon would start, else 1."""
-    try:
-        config = load_config(args.file)
-        for bundle in sorted({s.bundle for s in config.streams}):
-            load_bundle(bundle)
-    except AnomalydError as exc:
-        print(f"anomalyd: error: {exc}", file=sys.stderr)
-        return 1
+    """Validate the config and load every bundle it names as the daemon does, ONNX Runtime session
+    included; 0 when the daemon would start, errors raise (exit 2)."""
+    config = load_config(args.file)
+    for path in sorted({s.bundle for s in config.streams}):
+        open_autoencoder(load_bundle(path), config.inference.threads)
+    for warning in config_warnings(config):
+        print(f"anomalyd: warning: {warning}", file=sys.stderr)
     print(f"{args.file}: ok ({len(config.streams)} stream(s), events in {config.storage.database})")
     return 0
 
@@ -72,8 +83,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
     devices = input_devices()
     if not devices:
-        print("no input devices found", file=sys.stderr)
-        return 1
+        error("no input devices found")
+        return EXIT_ERROR
     print(f"{'index':>5}  {'channels':>8}  {'rate':>6}  {'host API':<12}  name")
     for d in devices:
         print(f"{d.index:>5}  {d.channels:>8}  {d.default_rate:>6}  {d.host_api:<12}  {d.name}")
@@ -102,9 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit status 0 when all files are normal, 1 when any is anomalous, 2 on any error.",
     )
     score.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
-    score.add_argument("--channel", type=int, default=0, help="channel of multi-channel files (default 0)")
-    score.add_argument("--k", type=float, help="override the bundle's k in threshold = mean + k * std")
-    score.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (default 1)")
+    score.add_argument(
+        "--channel", type=_channel, default=0, help="channel of multi-channel files (default 0)"
+    )
+    score.add_argument("--k", type=_k, help="override the bundle's k in threshold = mean + k * std (0..100)")
+    score.add_argument("--threads", type=_threads, default=1, help="ONNX Runtime threads (default 1)")
     score.add_argument("files", type=Path, nargs="+", metavar="FILE", help="WAV or FLAC files")
     score.set_defaults(func=cmd_score)
 
@@ -122,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check-config",
         help="validate a config file and the bundles it names",
-        description="Exit status 0 when the daemon would start with this config, 1 otherwise.",
+        description="Load the config and every bundle it names as the daemon would (ONNX Runtime session "
+        "included). Exit status 0 when the daemon would start with this config, 2 otherwise.",
     )
     check.add_argument("file", type=Path, nargs="?", default=DEFAULT_CONFIG, metavar="FILE")
     check.set_defaults(func=cmd_check_config)
@@ -150,12 +164,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _number(text: str, kind: type[int] | type[float], low: float, high: float, what: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not low <= value <= high:  # False for NaN too
+        raise argparse.ArgumentTypeError(f"{text!r}: {what}")
+    return value
+
+
+def _channel(text: str) -> int:
+    return int(_number(text, int, 0, 65_535, "a channel is an integer, 0 or more"))
+
+
+def _k(text: str) -> float:
+    return _number(text, float, 0, MAX_K, f"k must be a number in 0..{MAX_K:g}")
+
+
+def _threads(text: str) -> int:
+    return int(_number(text, int, 1, MAX_THREADS, f"threads must be an integer in 1..{MAX_THREADS}"))
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; any failure is exit 2 with one line (argparse's usage errors are 2 as well)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except AnomalydError as exc:
+        _report(str(exc), args.verbose)
+    except Exception as exc:
+        # A bug, not a verdict: still one line and exit 2, so that no crash ever reads as "anomalous".
+        _report(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())}", args.verbose)
+    return EXIT_ERROR
+
+
+def _report(message: str, verbose: bool) -> None:
+    """The error line(s); with -v also the traceback of the exception being handled."""
+    error(message)
+    if verbose:
+        traceback.print_exc()
 
 
 if __name__ == "__main__":

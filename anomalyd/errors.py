@@ -37,3 +37,7 @@ class StoreError(AnomalydError):
 
 class CommandError(AnomalydError):
     """An MQTT command payload that is refused; the message is the short reason sent back."""
+
+
+class ScoreError(AnomalydError):
+    """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""

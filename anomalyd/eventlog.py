@@ -91,13 +91,10 @@ class _Printer:
 
 
 def show_events(args: argparse.Namespace) -> int:
-    try:
-        database: Path = args.database or load_config(args.config or DEFAULT_CONFIG).storage.database
-        since = parse_since(args.since) if args.since else None
-        rows = read_events(database, since, args.stream)
-    except AnomalydError as exc:
-        print(f"anomalyd: error: {exc}", file=sys.stderr)
-        return 1
+    """Print the events; errors raise AnomalydError (the CLI makes them one line and exit 2)."""
+    database: Path = args.database or load_config(args.config or DEFAULT_CONFIG).storage.database
+    since = parse_since(args.since) if args.since else None
+    rows = read_events(database, since, args.stream)
     printer = _Printer(args.format)
     printer.rows(rows, final=not args.follow)
     if not args.follow:
@@ -117,6 +114,3 @@ def show_events(args: argparse.Namespace) -> int:
             printer.rows(fresh, final=False)
     except KeyboardInterrupt:
         return 0
-    except AnomalydError as exc:
-        print(f"anomalyd: error: {exc}", file=sys.stderr)
-        return 1

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from anomalyd.audio import MAX_ABS_SAMPLE
 from anomalyd.config import HealthConfig
 from anomalyd.records import SourceState
 
 FULL_SCALE = 0.999  # |sample| at or above this counts as clipped (float32 full scale is 1.0)
-MAX_ABS_SAMPLE = 16.0  # +24 dBFS: float audio may exceed full scale a little, never by this much
 CHUNK_SECONDS = 0.01  # the unit of a dropout
 
 
@@ -37,7 +37,7 @@ def sanitise(samples: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32],
     Zeroing (rather than dropping) keeps sample counts, and so time, exact; zeros read as a dropout, so
     the windows around them are not scored.
     """
-    bad = ~np.isfinite(samples) | (np.abs(samples) > MAX_ABS_SAMPLE)
+    bad = ~(np.abs(samples) <= MAX_ABS_SAMPLE)  # True for NaN too
     count = int(np.count_nonzero(bad))
     if not count:
         return samples, 0

@@ -4,22 +4,34 @@ A window's score is its pooled squared reconstruction error (see `anomalyd.windo
 A clip's score is the mean of its window scores (windows every `hop_frames` frames), as in the DCASE
 baselines: a fault that lasts the whole clip lifts every window, and one loud transient cannot by itself
 flag a clip. The threshold for clips is mean + k * std of the validation clips' scores.
+
+Files are scored as a stream (the daemon's own `StreamingWindows`), block by block, so memory does not
+grow with a file's length. A window score that is not a finite number is a `ScoreError`: there is no
+verdict for that clip, and it is never compared with the threshold.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.audio import load_audio
+from anomalyd.audio import stream_audio
 from anomalyd.bundle import Bundle, Threshold
-from anomalyd.errors import AudioError
+from anomalyd.errors import AudioError, ScoreError
 from anomalyd.features import LogMel
-from anomalyd.inference import Autoencoder
+from anomalyd.inference import Autoencoder, open_autoencoder
+from anomalyd.streaming import StreamingWindows, Window
 from anomalyd.windows import Normalisation, WindowGeometry, slice_windows, window_errors
+
+# Log-mel frames computed at once when scoring a file: bounds the FFT's memory, and is large enough that
+# the per-call cost of small matrix products does not dominate (31 frames at a time is ~3x slower).
+FRAMES_PER_STEP = 256
+MAX_BATCH_WINDOWS = 64  # windows per ONNX Runtime call when scoring a file
 
 
 @dataclass(frozen=True)
@@ -55,7 +67,7 @@ class ClipScorer:
             LogMel(meta.features, bundle.filterbank),
             meta.window,
             meta.normalisation,
-            Autoencoder(bundle.model_path, meta.features.n_mels, meta.window.n_frames, threads),
+            open_autoencoder(bundle, threads),
         )
 
     @property
@@ -63,28 +75,84 @@ class ClipScorer:
         """Shortest audio, in samples at the model rate, that holds one whole window."""
         return self.logmel.params.n_samples(self.geometry.n_frames)
 
-    def score_logmel(self, logmel: npt.NDArray[np.float32]) -> ClipScore:
+    def _errors(self, normalised: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(n, n_mels, n_frames) normalised windows -> (n,) window scores."""
+        reconstructed = self.autoencoder.reconstruct(normalised)
+        # Overflow is not warned about here: a score that is not finite is refused explicitly, in one line.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return window_errors(normalised, reconstructed, self.geometry.pool_frames)
+
+    def score_logmel(self, logmel: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
         """Score a (n_mels, n_frames) log-mel of at least one window."""
         windows = slice_windows(logmel, self.geometry.n_frames, self.geometry.hop_frames)
-        normalised = self.normalisation.apply(windows)
-        errors = window_errors(
-            normalised, self.autoencoder.reconstruct(normalised), self.geometry.pool_frames
-        )
-        return ClipScore(score=aggregate(errors), window_errors=errors)
+        errors = self._errors(self.normalisation.apply(windows))
+        return self._clip_score(errors, source)
 
     def score_samples(self, samples: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
-        if len(samples) < self.min_samples:
-            rate = self.logmel.params.sample_rate
-            raise AudioError(
-                f"{source}: too short to score ({len(samples) / rate:.2f} s, "
-                f"one window needs {self.min_samples / rate:.2f} s)"
-            )
-        return self.score_logmel(self.logmel(samples))
+        self._check_length(len(samples), source)
+        return self.score_logmel(self.logmel(samples), source)
 
     def score_file(self, path: Path, channel: int = 0) -> ClipScore:
-        samples = load_audio(path, self.logmel.params.sample_rate, channel)
-        return self.score_samples(samples, source=str(path))
+        """Score a file block by block; raises AudioError or ScoreError naming the file."""
+        p = self.logmel.params
+        streamer = StreamingWindows(self.logmel, self.geometry, self.normalisation)
+        errors: list[npt.NDArray[np.float32]] = []
+        pending: list[Window] = []
+        blocks = stream_audio(path, p.sample_rate, channel)
+        for block in rechunk(blocks, FRAMES_PER_STEP * p.hop_length):
+            pending += streamer.push(block)
+            if len(pending) >= MAX_BATCH_WINDOWS:
+                errors.append(self._errors(np.stack([w.values for w in pending])))
+                pending = []
+        self._check_length(streamer.samples_in, str(path))
+        if pending:
+            errors.append(self._errors(np.stack([w.values for w in pending])))
+        return self._clip_score(np.concatenate(errors), str(path))
+
+    def _check_length(self, n_samples: int, source: str) -> None:
+        if n_samples < self.min_samples:
+            rate = self.logmel.params.sample_rate
+            raise AudioError(
+                f"{source}: too short to score ({n_samples / rate:.2f} s, "
+                f"one window needs {self.min_samples / rate:.2f} s)"
+            )
+
+    def _clip_score(self, errors: npt.NDArray[np.float32], source: str) -> ClipScore:
+        finite = np.isfinite(errors)
+        if not finite.all():
+            first = int(np.argmin(finite))
+            p = self.logmel.params
+            start = first * self.geometry.hop_frames * p.hop_length / p.sample_rate
+            raise ScoreError(
+                f"{source}: window {first} (from {start:.2f} s) scored {float(errors[first])}, "
+                "not a finite number: no verdict"
+            )
+        with np.errstate(over="ignore"):
+            score = aggregate(errors)
+        if not math.isfinite(score):
+            raise ScoreError(f"{source}: clip score {score} is not a finite number: no verdict")
+        return ClipScore(score=score, window_errors=errors)
+
+
+def rechunk(blocks: Iterable[npt.NDArray[np.float32]], size: int) -> Iterator[npt.NDArray[np.float32]]:
+    """The same samples in blocks of exactly `size` (the last one shorter)."""
+    held: list[npt.NDArray[np.float32]] = []
+    n_held = 0
+    for block in blocks:
+        held.append(block)
+        n_held += len(block)
+        if n_held < size:
+            continue
+        joined = np.concatenate(held)
+        whole = len(joined) - len(joined) % size
+        yield from (joined[i : i + size] for i in range(0, whole, size))
+        held, n_held = [joined[whole:]], len(joined) - whole
+    if n_held:
+        yield np.concatenate(held)
 
 
 def is_anomalous(score: float, threshold: Threshold) -> bool:
+    """score > threshold; a score or threshold that is not finite has no verdict (ScoreError)."""
+    if not (math.isfinite(score) and math.isfinite(threshold.value)):
+        raise ScoreError(f"score {score} against threshold {threshold.value}: not finite, no verdict")
     return score > threshold.value

@@ -21,7 +21,7 @@ from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
 from anomalyd.features import LogMel
 from anomalyd.health import HealthMonitor, sanitise
-from anomalyd.inference import Autoencoder
+from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceNotice
 from anomalyd.streaming import Resampler, StreamingWindows, Window
@@ -41,11 +41,7 @@ class Model:
     def load(cls, path: Path, threads: int) -> Model:
         bundle = load_bundle(path)
         meta = bundle.meta
-        return cls(
-            bundle,
-            LogMel(meta.features, bundle.filterbank),
-            Autoencoder(bundle.model_path, meta.features.n_mels, meta.window.n_frames, threads),
-        )
+        return cls(bundle, LogMel(meta.features, bundle.filterbank), open_autoencoder(bundle, threads))
 
     @property
     def rate(self) -> int:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import soxr
 
-from anomalyd.audio import list_audio_files, load_audio, read_audio
+from anomalyd.audio import (
+    MAX_ABS_SAMPLE,
+    MAX_LOAD_SECONDS,
+    MAX_SAMPLE_RATE,
+    MIN_SAMPLE_RATE,
+    check_samples,
+    list_audio_files,
+    load_audio,
+    read_audio,
+    stream_audio,
+)
 from anomalyd.errors import AudioError
 from tests.conftest import MIMII
 
@@ -114,7 +126,9 @@ def test_nan_samples_are_refused(tmp_path: Path) -> None:
     x = tone()
     x[100] = np.nan
     sf.write(tmp_path / "nan.wav", x, RATE, subtype="FLOAT")
-    with pytest.raises(AudioError, match="NaN"):
+    with pytest.raises(
+        AudioError, match=r"nan\.wav: sample 100 is nan; allowed: finite values \(no NaN or inf\)"
+    ):
         load_audio(tmp_path / "nan.wav", RATE)
 
 
@@ -124,3 +138,97 @@ def test_list_audio_files_is_sorted_and_filters_suffixes(tmp_path: Path) -> None
     assert [p.name for p in list_audio_files(tmp_path)] == ["a.FLAC", "b.wav", "c.wav"]
     with pytest.raises(AudioError, match="not a directory"):
         list_audio_files(tmp_path / "missing")
+
+
+def _patch_wav_header(path: Path, rate: int | None = None, channels: int | None = None) -> None:
+    """Rewrite the fmt chunk of a canonical 44-byte-header WAV, as a damaged or hostile header would."""
+    data = bytearray(path.read_bytes())
+    if channels is not None:
+        data[22:24] = struct.pack("<H", channels)
+    if rate is not None:
+        data[24:28] = struct.pack("<I", rate)
+        data[28:32] = struct.pack("<I", min(rate * 2, 2**32 - 1))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("rate", [1, 999, 384_001, 2**31 - 1])
+def test_sample_rate_outside_the_supported_range_is_refused_before_decoding(
+    tmp_path: Path, rate: int
+) -> None:
+    path = tmp_path / "odd.wav"
+    sf.write(path, tone(seconds=2.5), RATE, subtype="PCM_16")  # 80 kB
+    _patch_wav_header(path, rate=rate)
+    with pytest.raises(
+        AudioError, match=rf"odd\.wav: declares a sample rate of {rate} Hz; supported: 1000 to 384000 Hz"
+    ):
+        load_audio(path, RATE)
+    with pytest.raises(AudioError, match="declares a sample rate"):
+        next(stream_audio(path, RATE))
+
+
+@pytest.mark.parametrize("rate", [MIN_SAMPLE_RATE, MAX_SAMPLE_RATE])
+def test_the_limits_of_the_range_are_accepted(tmp_path: Path, rate: int) -> None:
+    sf.write(tmp_path / "edge.wav", np.zeros(rate // 10, np.float32), rate, subtype="PCM_16")
+    assert len(load_audio(tmp_path / "edge.wav", RATE)) == pytest.approx(RATE // 10, abs=2)
+
+
+def test_a_header_claiming_65535_channels_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "many.wav"
+    sf.write(path, tone(), RATE, subtype="PCM_16")
+    _patch_wav_header(path, channels=65535)
+    with pytest.raises(AudioError, match=r"many\.wav: "):
+        load_audio(path, RATE)
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(np.inf, "inf"), (-np.inf, "-inf"), (1e20, "1.0000000200408773e+20"), (-16.5, "-16.5")],
+)
+def test_absurd_samples_are_refused_naming_file_and_position(
+    tmp_path: Path, value: float, shown: str
+) -> None:
+    x = tone(seconds=3.0)
+    x[40_000] = value
+    sf.write(tmp_path / "bad.wav", x, RATE, subtype="FLOAT")
+    message = rf"bad\.wav: sample 40000 is {re.escape(shown)}; allowed: finite values \(no NaN or inf\) within \+-16"
+    with pytest.raises(AudioError, match=message):
+        load_audio(tmp_path / "bad.wav", RATE)
+    with pytest.raises(AudioError, match=message):
+        list(stream_audio(tmp_path / "bad.wav", RATE))
+
+
+def test_check_samples_accepts_up_to_plus_24_dbfs() -> None:
+    check_samples(np.array([0.0, MAX_ABS_SAMPLE, -MAX_ABS_SAMPLE], dtype=np.float32), "x")
+    with pytest.raises(AudioError, match=r"^x: sample 7 is nan;"):
+        check_samples(np.array([0.0, np.nan], dtype=np.float32), "x", offset=6)
+
+
+@pytest.mark.parametrize("rate", [16_000, 44_100, 1_000])
+def test_streamed_blocks_equal_one_shot_resampling(tmp_path: Path, rate: int) -> None:
+    """Block-by-block decoding and chunked resampling give exactly soxr's one-shot output."""
+    x = np.random.default_rng(rate).normal(0, 0.1, int(rate * 3.3)).astype(np.float32)
+    sf.write(tmp_path / "x.wav", x, rate, subtype="FLOAT")
+    blocks = list(stream_audio(tmp_path / "x.wav", RATE))
+    if rate != RATE:
+        assert len(blocks) > 3
+    expected = x if rate == RATE else soxr.resample(x, rate, RATE, quality="HQ")
+    np.testing.assert_array_equal(np.concatenate(blocks), expected)
+    np.testing.assert_array_equal(load_audio(tmp_path / "x.wav", RATE), expected)
+
+
+def test_files_loaded_whole_have_a_maximum_length(tmp_path: Path) -> None:
+    sf.write(tmp_path / "long.wav", np.zeros(3 * RATE, np.float32), RATE, subtype="PCM_16")
+    with pytest.raises(AudioError, match=r"long\.wav: 3 s of audio, longer than the 2 s a file may hold"):
+        load_audio(tmp_path / "long.wav", RATE, max_seconds=2.0)
+    assert len(load_audio(tmp_path / "long.wav", RATE, max_seconds=3.0)) == 3 * RATE
+    assert MAX_LOAD_SECONDS == 600.0
+
+
+def test_a_streaming_wav_of_unknown_length_is_read_to_its_real_end(tmp_path: Path) -> None:
+    """A data size of 0xFFFFFFFF (a writer that never came back to fill it in) is not trusted for length."""
+    path = tmp_path / "live.wav"
+    sf.write(path, tone(seconds=2.0), RATE, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[40:44] = struct.pack("<I", 0xFFFFFFFF)
+    path.write_bytes(bytes(data))
+    assert len(load_audio(path, RATE)) == 2 * RATE

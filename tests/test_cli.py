@@ -5,14 +5,20 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import soundfile as sf
+from onnx import helper
 
+from anomalyd import cli
+from tests import memory_helpers
+from tests.bundle_helpers import WINDOWS, install_graph, rehash, window_info
 from tests.conftest import MIMII, ROOT
 from training.evaluate import FileScore, compute_metrics
 
@@ -202,3 +208,175 @@ def test_end_to_end_on_real_mimii_clips(tmp_path: Path) -> None:
     assert len(rows) == 3
     assert result.returncode == (1 if any(v == "ANOMALY" for *_, v in rows.values()) else 0)
     assert all(np.isfinite(score) and score > 0 for score, _, _ in rows.values())
+
+
+def assert_one_error_line(stderr: str, *fragments: str) -> None:
+    assert len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("anomalyd: error: ")
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+
+
+def test_a_wav_declaring_1_hz_is_refused_in_bounded_memory(bundle_dir: Path, tmp_path: Path) -> None:
+    """80 kB that declare 1 Hz: once 7.6 GB, a traceback and exit 1 ("anomalous")."""
+    path = tmp_path / "1hz.wav"
+    sf.write(path, np.random.default_rng(0).normal(0, 0.1, 40_000), 16_000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    data[24:32] = struct.pack("<II", 1, 2)  # sample rate 1 Hz, 2 bytes per second
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == 80_044
+    result = memory_helpers.anomalyd("score", "--bundle", str(bundle_dir), str(path))
+    assert result.returncode == 2
+    assert_one_error_line(
+        result.stderr, f"{path}: declares a sample rate of 1 Hz; supported: 1000 to 384000 Hz"
+    )
+    assert result.peak_mb < memory_helpers.MAX_RSS_MB
+
+
+def test_a_long_file_is_scored_in_bounded_memory(bundle_dir: Path, tmp_path: Path) -> None:
+    """10 minutes of 48 kHz stereo (115 MB on disk): scored as a stream, so memory does not follow length."""
+    path = tmp_path / "long.wav"
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(path, "w", 48_000, 2, "PCM_16") as f:
+        for _ in range(60):
+            f.write(rng.normal(0, 0.05, (480_000, 2)).astype(np.float32))
+    result = memory_helpers.anomalyd("score", "--bundle", str(bundle_dir), str(path))
+    assert result.returncode in (0, 1), result.stderr
+    assert result.stderr == ""
+    print(f"peak RSS scoring 10 min of 48 kHz stereo: {result.peak_mb:.0f} MB")
+    assert result.peak_mb < memory_helpers.MAX_RSS_MB
+    (score,) = parse_score_lines(result.stdout).values()
+    assert np.isfinite(score[0])
+
+
+def test_a_huge_or_non_finite_sample_is_an_error_not_a_verdict(
+    bundle_dir: Path, synth_test: Path, tmp_path: Path
+) -> None:
+    """One sample of 1e20 once gave score nan, verdict "normal", exit 0."""
+    samples, rate = sf.read(sorted((synth_test / "anomaly").glob("bearing_*.wav"))[0], dtype="float32")
+    for value in (1e20, np.nan, np.inf):
+        faulty = samples.copy()
+        faulty[20_000] = value
+        path = tmp_path / f"faulty-{value}.wav"
+        sf.write(path, faulty, rate, subtype="FLOAT")
+        result = run(*ANOMALYD, "score", "--bundle", bundle_dir, path)
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert_one_error_line(result.stderr, f"{path}: sample 20000 is ", "allowed: finite values")
+
+
+def test_a_window_score_that_is_not_finite_has_no_verdict(
+    bundle_dir: Path, synth_test: Path, tmp_path: Path
+) -> None:
+    """A graph that overflows on real windows (finite on the trial batch of zeros): exit 2, never "normal"."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    square = [helper.make_node("Mul", ["w", "w"], ["s"]), helper.make_node("Mul", ["s", "big"], ["r"])]
+    install_graph(bundle, square, [window_info("w", WINDOWS)], [window_info("r", WINDOWS)],
+                  constants={"big": np.array(1e38, dtype=np.float32)})  # fmt: skip
+    clip = sorted((synth_test / "normal").glob("*.wav"))[0]
+    result = run(*ANOMALYD, "score", "--bundle", bundle, clip)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert_one_error_line(
+        result.stderr, f"{clip}: window 0 (from 0.00 s) scored inf, not a finite number: no verdict"
+    )
+
+
+def test_check_config_builds_the_onnx_session_and_exits_2(
+    bundle_dir: Path, synth_test: Path, tmp_path: Path
+) -> None:
+    """An IR-14 graph (what the pinned onnx writes by default) passes every checksum: only building the
+    ONNX Runtime session can tell, and check-config does, so that `run` never meets it first."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, bundle)
+    config = tmp_path / "anomalyd.toml"
+    config.write_text(
+        f'[[streams]]\nname = "fan"\nbundle = "{bundle}"\n[streams.source]\ntype = "file"\npath = "x.wav"\n'
+    )
+    assert run(*ANOMALYD, "check-config", config).returncode == 0
+
+    graph = onnx.load(str(bundle / "model.onnx"))
+    graph.ir_version = 14
+    onnx.save(graph, str(bundle / "model.onnx"))
+    rehash(bundle, "model.onnx")
+    expected = f"{bundle / 'model.onnx'}: not a loadable ONNX model (Unsupported model IR version: 14, max supported IR version: 13)"
+    result = run(*ANOMALYD, "check-config", config)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, expected)
+
+    clip = sorted((synth_test / "normal").glob("*.wav"))[0]
+    result = run(*ANOMALYD, "score", "--bundle", bundle, clip)
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, expected)
+
+
+def test_check_config_help_states_exit_2() -> None:
+    result = run(*ANOMALYD, "check-config", "--help")
+    assert "0 when the daemon would start with this config, 2 otherwise" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--k", "nan"], "k must be a number in 0..100"),
+        (["--k", "inf"], "k must be a number in 0..100"),
+        (["--k", "-1"], "k must be a number in 0..100"),
+        (["--threads", "0"], "threads must be an integer in 1..64"),
+        (["--threads", "many"], "threads must be an integer in 1..64"),
+        (["--channel", "-1"], "a channel is an integer, 0 or more"),
+    ],
+)
+def test_score_options_are_range_checked(
+    bundle_dir: Path, capsys: pytest.CaptureFixture[str], option: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["score", "--bundle", str(bundle_dir), *option, "x.wav"])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+class BoomError(RuntimeError):
+    pass
+
+
+def test_an_unexpected_error_is_exit_2_and_one_line_the_traceback_only_with_v(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A bug anywhere in a command must never read as a verdict (exit 1) nor spill a traceback."""
+
+    def broken(path: Path) -> None:
+        raise BoomError("something\nbroke")
+
+    monkeypatch.setattr(cli, "load_bundle", broken)
+    assert cli.main(["score", "--bundle", str(tmp_path), "x.wav"]) == 2
+    assert capsys.readouterr().err == "anomalyd: error: internal error: BoomError: something broke\n"
+
+    assert cli.main(["-v", "score", "--bundle", str(tmp_path), "x.wav"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("anomalyd: error: internal error: BoomError: something broke\nTraceback")
+    assert 'raise BoomError("something\\nbroke")' in err
+
+    def interrupted(path: Path) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_bundle", interrupted)
+    assert cli.main(["score", "--bundle", str(tmp_path), "x.wav"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["events", "--database", "{tmp}/absent.db"], "absent.db: no event database"),
+        (["events", "--database", "{tmp}", "--since", "yesterday"], "--since 'yesterday': expected an age"),
+        (["check-config", "{tmp}/absent.toml"], "absent.toml: cannot read config"),
+        (["score", "--bundle", "{tmp}", "x.wav"], "not a model bundle"),
+    ],
+    ids=["events-no-db", "events-since", "check-config", "score-bundle"],
+)
+def test_every_command_exits_2_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = run(*ANOMALYD, *(a.format(tmp=tmp_path) for a in args))
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr, message)

@@ -106,17 +106,17 @@ def test_check_config_command(tmp_path: Path) -> None:
     missing_bundle = tmp_path / "a.toml"
     missing_bundle.write_text(MINIMAL)
     result = _check_config(missing_bundle)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "models/fan: no such bundle directory" in result.stderr
 
     bad = tmp_path / "b.toml"
     bad.write_text(MINIMAL + "colour = 'red'\n")
     result = _check_config(bad)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{bad}: streams[0].source.colour: unknown key" in result.stderr
 
     result = _check_config(tmp_path / "absent.toml")
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "cannot read config" in result.stderr
 
 

@@ -3,7 +3,9 @@
 The bundle is built in a hidden sibling folder and moved into place only when complete and verified, so
 an interrupted export never leaves a half-written bundle where the daemon would load it. The threshold is
 fitted with the exported ONNX model through anomalyd's own scoring path: the numbers the daemon compares
-against are computed exactly as the daemon computes scores.
+against are computed exactly as the daemon computes scores. Before the bundle moves into place it is loaded
+exactly as `anomalyd run` and `check-config` load it (ONNX Runtime session included), and it is made
+world-readable, since the daemon may run as another user.
 """
 
 from __future__ import annotations
@@ -35,12 +37,13 @@ from anomalyd.bundle import (
     ScoreStats,
     Threshold,
     load_bundle,
+    make_world_readable,
     sha256_file,
     write_meta,
 )
 from anomalyd.errors import BundleError
 from anomalyd.features import LogMel
-from anomalyd.inference import Autoencoder
+from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.scoring import ClipScorer
 from anomalyd.windows import Normalisation, WindowGeometry
 from training.dataset import Clip
@@ -50,6 +53,10 @@ logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - torch| on the same windows
 ONNX_OPSET = 17
+# The file's IR version is set to the lowest one that can carry ONNX_OPSET (8 for opset 17), never the
+# newest the installed `onnx` knows: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot load (it reads up
+# to IR 13). The oldest IR keeps bundles loadable by the oldest runtime that has the operators.
+ONNX_IR_VERSION = onnx.helper.find_min_ir_version_for([onnx.helper.make_opsetid("", ONNX_OPSET)])
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,10 @@ def export_onnx(model: ConvAutoencoder, n_mels: int, n_frames: int, path: Path) 
             opset_version=ONNX_OPSET,
             dynamo=False,
         )
-    onnx.checker.check_model(str(path))
+    graph = onnx.load(str(path))
+    graph.ir_version = ONNX_IR_VERSION
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
 
 
 def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
@@ -171,12 +181,15 @@ def export_bundle(inp: ExportInputs) -> Bundle:
         training=inp.training,
         export={
             "onnx_opset": ONNX_OPSET,
+            "onnx_ir_version": ONNX_IR_VERSION,
             "parity_max_abs_diff": max_diff,
             "parity_windows": len(inp.parity_windows),
         },
         versions=versions(),
     )
     write_meta(built, meta)
-    load_bundle(built)  # the same checks the daemon makes, before anything replaces a working bundle
+    make_world_readable(built)
+    # The same checks the daemon and check-config make, before anything replaces a working bundle.
+    open_autoencoder(load_bundle(built))
     _move_into_place(built, inp.out)
     return load_bundle(inp.out)
