@@ -199,6 +199,8 @@ class StoreWriter:
         self._next_mute_check = 0.0
         self._next_checkpoint = time.monotonic() + CHECKPOINT_INTERVAL_S
         self._next_retention = 0.0
+        self._stop_deadline = math.inf  # set by stop(): clips still queued after it are given up
+        self._stopping = threading.Event()
 
     # ---- the service's side ------------------------------------------------------------------------
 
@@ -220,7 +222,9 @@ class StoreWriter:
         if not self._thread.is_alive():
             self.db.close()
             return
-        self._queue.put(_Stop())
+        self._stop_deadline = time.monotonic() + max(0.1, timeout - 0.2)
+        self._stopping.set()
+        self._queue.put(_Stop())  # wakes the writer if it waits
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.error("store writer did not finish within %.1f s", timeout)
@@ -260,8 +264,10 @@ class StoreWriter:
             except queue.Empty:
                 item = None
             self.heartbeat = time.monotonic()
-            if isinstance(item, _Stop):
-                self._queue.task_done()
+            if self._stopping.is_set() or isinstance(item, _Stop):
+                if item is not None:
+                    self._queue.task_done()
+                self._write_remaining(item)
                 break
             if item is not None:
                 try:
@@ -270,6 +276,24 @@ class StoreWriter:
                     self._queue.task_done()
             self.tick()
         self._close()
+
+    def _write_remaining(self, first: Item | _Stop | None) -> None:
+        """At stop: what is still queued, events and statuses first; clips only while time remains, so that
+        a stop with many open events never leaves an event unwritten behind a long clip."""
+        rest: list[Item] = [] if first is None or isinstance(first, _Stop) else [first]
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._queue.task_done()
+            if not isinstance(item, _Stop):
+                rest.append(item)
+        for item in sorted(rest, key=lambda i: isinstance(i, ClipJob)):  # stable: order kept otherwise
+            if isinstance(item, ClipJob) and time.monotonic() > self._stop_deadline:
+                self.clips_skipped += 1
+                continue
+            self.write(item)
 
     def tick(self) -> None:
         """The writer's periodic work: retries, mute expiry, checkpoints, retention."""

@@ -242,3 +242,16 @@ def test_fuzzed_configs_are_refused_cleanly_or_safe_to_run(  # noqa: PLR0917
 def test_the_fuzz_reaches_accepted_configs(tmp_path: Path) -> None:
     """Guards the fuzz above against only ever producing refusals (it runs first: same file, above)."""
     assert len(ACCEPTED) >= 40
+
+
+@pytest.mark.slow
+def test_check_config_warns_about_credentials_without_tls(bundle_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "plain.toml"
+    path.write_text(
+        '[mqtt]\nenabled = true\nusername = "u"\npassword_env = "P"\n'
+        + MINIMAL.replace('"models/fan"', f'"{bundle_dir}"')
+    )
+    result = subprocess.run([sys.executable, "-m", "anomalyd", "check-config", str(path)],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "anomalyd: warning: mqtt: credentials are configured without TLS" in result.stderr
