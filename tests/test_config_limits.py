@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from anomalyd import cli
 from anomalyd.config import DaemonConfig, config_warnings, default_node, parse_config
 from anomalyd.contract import Topics, discovery_messages
 from anomalyd.errors import ConfigError
@@ -212,10 +213,18 @@ def _runtime_arithmetic(config: DaemonConfig) -> None:
     prefix=NAMES,
 )
 def test_fuzzed_configs_are_refused_cleanly_or_safe_to_run(  # noqa: PLR0917
-    tmp_path: Path, section: str, data: st.DataObject, value: str, node: str, stream: str, prefix: str
+    tmp_path: Path,
+    bundle_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    section: str,
+    data: st.DataObject,
+    value: str,
+    node: str,
+    stream: str,
+    prefix: str,
 ) -> None:
     key = data.draw(st.sampled_from(NUMERIC_KEYS[section]))
-    body = MINIMAL.replace('"fan-1"', f'"{stream}"')
+    body = MINIMAL.replace('"fan-1"', f'"{stream}"').replace('"models/fan"', f'"{bundle_dir}"')
     if section.startswith("streams."):
         body += f"[{section}]\n{key} = {value}\n" if section != "streams.source" else ""
         if section == "streams.source":
@@ -227,13 +236,22 @@ def test_fuzzed_configs_are_refused_cleanly_or_safe_to_run(  # noqa: PLR0917
         if section != "mqtt"
         else (f'node = "{node}"\n' + body.replace("[mqtt]\n", f'[mqtt]\nprefix = "{prefix}"\n'))
     )
+    # Through the command an operator (and systemd's ExecStartPre) runs: 0 or 2, never a traceback.
+    path = tmp_path / "fuzz.toml"
+    path.write_text(text)
+    status = cli.main(["check-config", str(path)])
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
     try:
-        config = parse_config(text, "fuzz.toml", tmp_path)
+        config = parse_config(text, str(path), tmp_path)
     except ConfigError as exc:
+        assert status == 2
         message = str(exc)
         assert message
-        assert all(line.startswith("fuzz.toml: ") for line in message.splitlines())
+        assert all(line.startswith(f"{path}: ") for line in message.splitlines())
+        assert stderr.startswith("anomalyd: error: ")
         return
+    assert status == 0, stderr
     _runtime_arithmetic(config)
     ACCEPTED.append(1)
 
