@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fixtures import synth
+from tests.mqtt_helpers import Broker, make_certificates
 from training import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,3 +41,20 @@ def bundle_dir(synth_train: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     )
     assert status == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A throw-away CA, a server certificate for localhost, and an unrelated CA."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+def broker(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Broker]:
+    """A real Mosquitto on loopback for one test (password login, a plain and a TLS listener)."""
+    folder = tmp_path / "broker"
+    folder.mkdir()
+    b = Broker(folder, certs)
+    b.start()
+    yield b
+    b.stop()

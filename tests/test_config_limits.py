@@ -23,15 +23,7 @@ from anomalyd import cli
 from anomalyd.config import DaemonConfig, config_warnings, default_node, parse_config
 from anomalyd.contract import Topics, discovery_messages
 from anomalyd.errors import ConfigError
-
-MINIMAL = """
-[[streams]]
-name = "fan-1"
-bundle = "models/fan"
-[streams.source]
-type = "file"
-path = "rec.wav"
-"""
+from tests.test_config import MINIMAL
 
 # What Home Assistant accepts in a discovery topic: <prefix>/<component>/[<node_id>/]<object_id>/config
 HA_DISCOVERY_TOPIC = re.compile(r"^(?P<prefix>[^/]+(/[^/]+)*)/(?P<component>\w+)/(?:(?P<node_id>[a-zA-Z0-9_-]+)/)?(?P<object_id>[a-zA-Z0-9_-]+)/config$")  # fmt: skip

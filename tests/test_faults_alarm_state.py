@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,21 +19,10 @@ from tests.mqtt_helpers import (
     WATCHER_PASSWORD,
     Broker,
     Subscriber,
-    make_certificates,
     validate,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
-
-
-@pytest.fixture
-def broker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    b = Broker(folder, make_certificates(tmp_path_factory.mktemp("certs")))
-    b.start()
-    yield b
-    b.stop()
 
 
 def _mqtt(tmp_path: Path, broker: Broker) -> str:

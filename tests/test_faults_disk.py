@@ -26,7 +26,7 @@ from anomalyd.outbox import Outbox
 from anomalyd.records import AnomalyEvent, ClipJob, ScoreReport, SourceState, SourceStatus, utc_now
 from anomalyd.store import StoreWriter, read_events
 from tests.daemon_helpers import DaemonProcess, write_recording
-from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber, make_certificates, validate
+from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber, validate
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
 
@@ -45,16 +45,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         done = subprocess.run(["umount", str(mount)], check=False, capture_output=True, timeout=30)
         if done.returncode:
             subprocess.run(["umount", "-l", str(mount)], check=True, timeout=30)
-
-
-@pytest.fixture
-def broker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    b = Broker(folder, make_certificates(tmp_path_factory.mktemp("certs")))
-    b.start()
-    yield b
-    b.stop()
 
 
 def fill(folder: Path) -> Path:

@@ -6,25 +6,14 @@ from __future__ import annotations
 import itertools
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.daemon_helpers import DaemonProcess, write_config, write_recording
-from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber, make_certificates
+from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
-
-
-@pytest.fixture
-def broker(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    b = Broker(folder, make_certificates(tmp_path_factory.mktemp("certs")))
-    b.start()
-    yield b
-    b.stop()
 
 
 def _drain(sock: socket.socket, seconds: float) -> list[tuple[float, str]]:

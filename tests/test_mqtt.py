@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,26 +27,10 @@ from tests.mqtt_helpers import (
     WATCHER_PASSWORD,
     Broker,
     Subscriber,
-    make_certificates,
     validate,
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-def broker(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Broker]:
-    folder = tmp_path / "broker"
-    folder.mkdir()
-    b = Broker(folder, certs)
-    b.start()
-    yield b
-    b.stop()
 
 
 def mqtt_config(tmp_path: Path, broker: Broker, extra: str = "", password: str = PASSWORD) -> DaemonConfig:
