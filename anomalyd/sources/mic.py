@@ -173,6 +173,10 @@ class DeviceCapture:
     def start(self) -> None:
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the thread to end, without waiting (a pipeline stops all its sources at once)."""
+        self._stop.set()
+
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
