@@ -243,7 +243,6 @@ class StreamConfig(_Section):
 class DaemonConfig(_Section):
     node: str = Field(
         "",
-        pattern=r"^([A-Za-z0-9_-]{1,64})?$",
         description="this machine's id in events and topics: letters, digits, '-' and '_', at most 64; "
         "empty = the short host name, made valid",
     )
@@ -253,6 +252,16 @@ class DaemonConfig(_Section):
     health: HealthConfig = HealthConfig()
     mqtt: MqttConfig = MqttConfig()
     streams: list[StreamConfig] = Field(min_length=1, description="one entry per monitored machine")
+
+    @field_validator("node")
+    @classmethod
+    def _node_id(cls, node: str) -> str:
+        if node and not re.fullmatch(NODE_PATTERN, node):
+            raise ValueError(
+                "use letters, digits, '-' and '_' only, at most 64 (e.g. 'edge1' for edge1.plant): "
+                "it goes into MQTT topics and Home Assistant ids"
+            )
+        return node
 
     @field_validator("streams")
     @classmethod
