@@ -238,10 +238,6 @@ class Pipeline:
     def streams(self) -> list[StreamRuntime]:
         return list(self._runtimes.values())
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def all_ended(self) -> bool:
         """Whether every stream's source has reached its end (only replayed files do)."""
         runtimes = self.streams()
