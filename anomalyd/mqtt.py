@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 INFLIGHT = 50  # messages published and not yet acknowledged
 CONNECT_TIMEOUT_S = 3.0  # TCP connect, and again the TLS handshake
 CONNACK_TIMEOUT_S = 10.0
+READY_WAIT_S = 10.0  # longest a connection waits for the service's first statement of stream states
 WAIT_SLICE_S = 0.25  # waits are cut into slices this long, the heartbeat renewed after each
 PROBE_INTERVAL_S = 1.0  # while the broker is unreachable, look at its port this often
 PROBE_TIMEOUT_S = 0.5
@@ -172,6 +173,13 @@ class Publisher:
         self._callback_log = Throttle(60.0)
         self._command_log = Throttle(60.0, burst=20)  # a flood of bad commands is not a flood of lines
         self._read_log = Throttle(60.0)
+        # `online` makes Home Assistant show each entity's last known value again. It goes out only once
+        # the daemon has stated its streams' current alarm and source states (`mark_ready`), and after the
+        # pending retained states: otherwise a restart after a crash shows a stale "Problem" for a moment,
+        # a real off -> on change that automations would act on.
+        self._ready = threading.Event()
+        self._online = False
+        self._early: set[int] = set()  # outbox ids sent ahead of their turn, before `online`
 
     # ---- lifecycle and what the service reads -------------------------------------------------------
 
@@ -188,6 +196,10 @@ class Publisher:
         state = self.state
         detail = f"connected to {self._where()}" if state == LinkState.CONNECTED else self._last_failure
         return LinkStatus(state, detail or state.value, time.monotonic() - self._state_since)
+
+    def mark_ready(self) -> None:
+        """The streams' current states are in the outbox: `online` may be published (any thread)."""
+        self._ready.set()
 
     def set_streams(self, streams: list[str]) -> None:
         """After a reload: discovery and commands follow the new stream list."""
@@ -393,7 +405,8 @@ class Publisher:
         with self._lock:
             self._diagnostics_sent = None
         logger.info("MQTT: connected to %s as %s", self._where(), client._client_id.decode())
-        client.publish(self.topics.status, "online", qos=1, retain=True)
+        self._online = False
+        self._early.clear()
         client.subscribe(self.topics.mute_commands, qos=1)
         if self.config.homeassistant.enabled:
             client.subscribe(f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}", qos=1)
@@ -457,12 +470,39 @@ class Publisher:
                     self._resend_discovery = False
                     self._publish_discovery()
                 self._publish_diagnostics()
+                if not self._online and (self._ready.is_set() or self._waited_too_long()):
+                    self._go_online(outbox)
                 self._publish_pending(outbox)
                 if self._client.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
                     break
                 self._report_acked()
         if self._stop.is_set() and self.state == LinkState.CONNECTED:
             self._goodbye()
+
+    def _waited_too_long(self) -> bool:
+        """Never stay `offline` because the service did not say it was ready (a bug, a stuck start)."""
+        return time.monotonic() - self._state_since > READY_WAIT_S
+
+    def _go_online(self, outbox: sqlite3.Connection) -> None:
+        """Retained states not yet sent go out ahead of their turn (only the newest of each topic waits in
+        the outbox, so nothing they say is overtaken), then `online`; everything else keeps its order."""
+        assert self._client is not None
+        try:
+            rows = outbox.execute(
+                "SELECT id, topic, payload, qos FROM outbox WHERE id > ? AND kind IN ('state', 'source') "
+                "ORDER BY id",
+                [self._sent_up_to],
+            ).fetchall()
+        except sqlite3.Error:
+            rows = []  # the event log is unreadable: its newest states wait in memory, sent in turn
+        for row_id, topic, payload, qos in rows:
+            if row_id in self._done:
+                continue
+            info = self._client.publish(topic, payload, qos=qos, retain=True)
+            self._inflight[info.mid] = row_id
+            self._early.add(row_id)
+        self._client.publish(self.topics.status, "online", qos=1, retain=True)
+        self._online = True
 
     def _read_outbox(self, outbox: sqlite3.Connection, limit: int) -> list[_Row] | None:
         """The next rows of the outbox table; None when it cannot be read (then memory goes on)."""
@@ -486,10 +526,12 @@ class Publisher:
         if room <= 0:
             return
         generation = self._memory.generation
-        limit = room + len(self._done)
+        limit = room + len(self._done) + len(self._early)
         rows = self._read_outbox(outbox, limit)
         for row in rows or []:
-            if row.id in self._done:
+            if row.id in self._done or row.id in self._early:
+                self._early.discard(row.id)
+                self._sent_up_to = max(self._sent_up_to, row.id)
                 continue
             late = row.kind == "event" and row.created_at < self._connected_at
             payload = as_replayed(row.payload) if late else row.payload

@@ -71,6 +71,8 @@ class _Swap:
 class _Restate:
     """Worker-thread instruction: state every stream's alarm state (and known source health) again."""
 
+    done: threading.Event
+
 
 def source_key(stream: StreamConfig) -> str:
     """Streams with equal keys share one source (a device opened once)."""
@@ -95,6 +97,7 @@ class Pipeline:
         self._score_interval = score_interval  # seconds between ScoreReports per stream; None: none
         self._next_report: dict[str, float] = {}
         self._stopping = threading.Event()
+        self._started = _Restate(threading.Event())
         self._pending: list[tuple[StreamRuntime, Window]] = []
         self.config: DaemonConfig | None = None
         self.heartbeat = time.monotonic()
@@ -148,7 +151,7 @@ class Pipeline:
         models = self._models(config)
         self.config = config
         self._runtimes = {s.name: self._runtime(s, models[s.bundle], config) for s in config.streams}
-        self._queue.put(_Restate())
+        self._queue.put(self._started)
         self._thread.start()
         for key, members in self._group(config).items():
             self._start_source(key, members, config)
@@ -193,6 +196,18 @@ class Pipeline:
                 self._start_source(key, members, config)
         self.config = config
         return changes
+
+    def wait_stated(self, timeout: float) -> bool:
+        """Wait until every stream's alarm state has been stated after start and its source has said how
+        it is (opened, lost...), all handed to the sink; False if that took longer than `timeout`."""
+        deadline = time.monotonic() + timeout
+        if not self._started.done.wait(timeout):
+            return False
+        while any(r.health.state is None for r in self.streams()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def stop(self, timeout: float = 3.0) -> bool:
         """Stop sources, let the worker close open events, and wait for it; True if it stopped."""
@@ -285,6 +300,7 @@ class Pipeline:
     def _handle(self, item: SourceMessage | _Swap | _Restate) -> None:
         if isinstance(item, _Restate):
             self._restate(self._runtimes.values())
+            item.done.set()
             return
         if isinstance(item, _Swap):
             self._score_pending()

@@ -130,6 +130,12 @@ class Daemon:
             store.stop(STOP_TIMEOUT_S)
             return EXIT_ERROR
         self._publisher = publisher
+        if publisher is not None:
+            # `online` only after each stream's current state is in the outbox, so that nothing shows the
+            # last state from before a crash again when the node comes back.
+            pipeline.wait_stated(2.0)
+            store.flush(2.0)
+            publisher.mark_ready()
         logger.info(
             "anomalyd running on node %s: %d stream(s), events in %s",
             config.node_id, len(config.streams), config.storage.database,

@@ -83,6 +83,14 @@ def test_sigkill_mid_event_then_restart_ends_it_publicly_and_states_off(
             second.wait_for(
                 lambda: _retained(broker, "anomalyd/edge1/fan/state") == ["OFF"], 30, "retained OFF"
             )
+            # Home Assistant shows an entity's last value again when the node comes back `online`: the
+            # true state and source health must be there before that, or a stale "Problem" flashes on.
+            after_kill = watcher.messages[[m.payload for m in watcher.messages].index("offline") :]
+            order = [(m.topic.rsplit("/", 1)[1], m.payload) for m in after_kill]
+            online = order.index(("status", "online"))
+            assert ("state", "OFF") in order[:online], order
+            assert any(leaf == "source" and '"ok"' in payload for leaf, payload in order[:online]), order
+            assert ("state", "ON") not in order, order
             second.wait_for(lambda: bool(watcher.on("/fan/source")), 30, "source health")
             assert json.loads(_retained(broker, "anomalyd/edge1/fan/source")[0])["state"] == "ok"
             second.wait_for(lambda: bool(watcher.on("/edge1/diagnostics")), 30, "diagnostics")

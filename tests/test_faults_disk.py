@@ -113,6 +113,7 @@ def test_a_full_disk_loses_no_alert_and_no_event_row(
     publisher = Publisher(config.mqtt, node="edge1", streams=["fan"], database=config.storage.database,
                           sink=store, mutes=mutes)  # fmt: skip
     store.start()
+    publisher.mark_ready()
     publisher.start()
     states = set()
     try:

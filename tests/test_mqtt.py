@@ -57,6 +57,7 @@ class Running:
         self.publisher = Publisher(config.mqtt, node=config.node_id, streams=["fan"],
                                    database=config.storage.database, sink=self.store, mutes=self.mutes)  # fmt: skip
         self.store.start()
+        self.publisher.mark_ready()  # nothing to state first: no pipeline here
         self.publisher.start()
 
     def wait_connected(self, timeout: float = 10.0) -> None:
