@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -15,6 +16,7 @@ from anomalyd.audio import list_audio_files
 from anomalyd.bundle import load_bundle, sha256_file
 from anomalyd.scoring import ClipScorer
 from fixtures.synth import FAULTS
+from tests.conftest import SMALL_PRESET
 from training import train
 
 pytestmark = pytest.mark.slow
@@ -153,3 +155,46 @@ def test_bad_presets_are_refused_before_any_work(
     )
     assert message in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_help_explains_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    helps = train.field_help()
+    for f in dataclasses.fields(train.TrainConfig):
+        assert helps.get(f.name), f"TrainConfig.{f.name} has no comment to explain it"
+        option = f"--{f.name.replace('_', '-')}"
+        assert option in text
+        default = getattr(train.TrainConfig(), f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        assert f"(default {shown})" in text, option
+
+
+@pytest.mark.parametrize("kind", ["file", "folder", "unwritable"])
+def test_a_bad_out_is_refused_before_any_training(
+    synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str
+) -> None:
+    out = tmp_path / "out"
+    if kind == "file":
+        out.write_text("not a bundle")
+    elif kind == "folder":
+        out.mkdir()
+        (out / "data.txt").write_text("keep me")
+    else:
+        out = Path("/proc/anomalyd-bundle")
+    assert train.main(["--normal", str(synth_train), "--out", str(out)]) == 2
+    assert f"--out {out}" in caplog.text
+    assert "files in" not in caplog.text  # refused before any audio was even loaded
+    if kind == "folder":
+        assert (out / "data.txt").read_text() == "keep me"
+
+
+def test_progress_is_a_line_per_epoch_when_output_is_not_a_terminal(
+    synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        assert train.main(["--normal", str(synth_train), "--out", str(tmp_path / "b"),
+                           "--preset", str(SMALL_PRESET), "--epochs", "3"]) == 0  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
+    assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]

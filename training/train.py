@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import inspect
 import logging
+import re
 import sys
+import tempfile
 import time
 import tomllib
 from dataclasses import dataclass
@@ -27,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from anomalyd.audio import list_audio_files
+from anomalyd.bundle import META_FILE
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.features import FeatureParams, LogMel
 from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
@@ -49,12 +53,12 @@ class TrainConfig:
     pool_frames: int = 16  # frames averaged in the residual before squaring; stored in the bundle
     # model (see training/model.py)
     channels: tuple[int, int, int] = (32, 64, 8)  # encoder channels per stride-2 stage
-    kernel_size: int = 5
+    kernel_size: int = 5  # convolution kernel size, odd
     # optimisation
-    epochs: int = 100  # upper bound; early stopping usually ends sooner
+    epochs: int = 100  # most epochs to train; early stopping usually ends sooner
     patience: int = 10  # epochs without a better validation loss before stopping
     batch_size: int = 32  # windows per step
-    learning_rate: float = 1e-3  # Adam
+    learning_rate: float = 1e-3  # Adam's learning rate
     # decision rule
     k: float = 3.0  # threshold = mean + k * std of validation clip scores
     # run
@@ -80,6 +84,29 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.k <= 0:
             found.append(f"learning_rate and k must be positive, got {self.learning_rate}, {self.k}")
         return found
+
+
+def field_help() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment above: the one place its meaning is written down."""
+    source = inspect.getsource(TrainConfig)
+    found = re.findall(r"^    (\w+): [^=]+=\s*[^#\n]+#\s*(.+)$", source, flags=re.MULTILINE)
+    return dict(found)
+
+
+def check_out(out: Path) -> None:
+    """Refuse an --out that export would refuse, before minutes of training: an existing folder that is
+    not a bundle (never overwritten), a file, or a place that cannot be written."""
+    if out.exists() and not (out / META_FILE).is_file():
+        what = "folder" if out.is_dir() else "file"
+        raise ConfigError(
+            f"--out {out}: an existing {what} that is not a model bundle; refusing to replace it"
+        )
+    parent = out.resolve().parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    try:  # a real attempt: permission bits say little to root, or on a read-only or special filesystem
+        tempfile.TemporaryDirectory(dir=existing, prefix=".anomalyd-probe-").cleanup()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create it in {existing} ({exc.strerror})") from exc
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:
@@ -109,15 +136,29 @@ def load_preset(path: Path) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]:
-    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m training.train",
+        description=__doc__.splitlines()[0],
+        epilog="Every option below --quiet may also be set in a --preset TOML file (same name, with _).",
+    )
     parser.add_argument("--normal", type=Path, required=True, help="folder of normal recordings (WAV/FLAC)")
     parser.add_argument(
         "--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)"
     )
     parser.add_argument("--preset", type=Path, help="TOML file overriding the defaults")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    helps = field_help()
+    defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, metavar="VALUE")
+        default = getattr(defaults, f.name)
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f.name,
+            default=None,
+            metavar=type(default).__name__.upper() if not isinstance(default, tuple) else "A,B,C",
+            help=f"{helps.get(f.name, '')} (default {shown})",
+        )
     args = parser.parse_args(argv)
     values = load_preset(args.preset) if args.preset else {}
     for f in dataclasses.fields(TrainConfig):
@@ -128,6 +169,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     problems = config.problems()
     if problems:
         raise ConfigError("invalid training settings: " + "; ".join(problems))
+    check_out(args.out)
     return args, config
 
 
@@ -187,6 +229,12 @@ def fit(
         val_loss = _mean_loss(model, x_val, config.batch_size)
         history.append((train_total / len(x_train), val_loss))
         bar.set_postfix(train=f"{history[-1][0]:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
+        if not quiet and not sys.stderr.isatty():  # a log or journal gets a line per epoch instead of a bar
+            best = epoch if val_loss < best_loss else best_epoch
+            logger.info(
+                "epoch %d/%d: train loss %.5f, validation loss %.5f (best so far: epoch %d)",
+                epoch, config.epochs, history[-1][0], val_loss, best,
+            )  # fmt: skip
         if val_loss < best_loss:
             best_loss, best_epoch, waited = val_loss, epoch, 0
             best_state = copy.deepcopy(model.state_dict())
