@@ -23,7 +23,7 @@ from importlib import resources
 from typing import Any
 
 from anomalyd import __version__
-from anomalyd.records import AlarmState, AnomalyEvent, ScoreReport, SourceState, SourceStatus, iso
+from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, iso
 
 SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status", "diagnostics")
 
@@ -114,10 +114,6 @@ def score_message(topics: Topics, report: ScoreReport) -> Message:
         "at": iso(report.at),
     }
     return Message(topics.stream(report.stream, "score"), json.dumps(payload), 0, False, "score")
-
-
-def alarm_state_message(topics: Topics, state: AlarmState) -> Message:
-    return on_off_message(topics, state.stream, state.on)
 
 
 MUTE_REASONS = ("command", "expired", "restored")  # why the mute state is what it is

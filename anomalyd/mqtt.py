@@ -39,7 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from anomalyd.config import MqttConfig
 from anomalyd.contract import Topics, as_replayed, discovery_messages
 from anomalyd.errors import CommandError, ConfigError
-from anomalyd.mutes import MuteCommand, Mutes, parse_mute_command
+from anomalyd.mutes import MuteCommand, parse_mute_command
 from anomalyd.outbox import Delivered, MemoryOutbox, Outbox, Pending
 from anomalyd.records import iso, utc_now
 from anomalyd.throttle import Throttle
@@ -136,7 +136,6 @@ class Publisher:
         streams: list[str],
         database: Path,
         sink: StoreSink,
-        mutes: Mutes | None = None,  # unused: mutes are the store writer's (kept for callers)
     ) -> None:
         self.config = config
         self.topics = Topics(config.prefix, node)

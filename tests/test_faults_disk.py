@@ -111,7 +111,7 @@ def test_a_full_disk_loses_no_alert_and_no_event_row(
     caplog.set_level(logging.WARNING, logger="anomalyd")
     store = StoreWriter(config.storage, outbox)
     publisher = Publisher(config.mqtt, node="edge1", streams=["fan"], database=config.storage.database,
-                          sink=store, mutes=mutes)  # fmt: skip
+                          sink=store)  # fmt: skip
     store.start()
     publisher.mark_ready()
     publisher.start()

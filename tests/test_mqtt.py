@@ -55,7 +55,7 @@ class Running:
         )
         self.store = StoreWriter(config.storage, self.outbox)
         self.publisher = Publisher(config.mqtt, node=config.node_id, streams=["fan"],
-                                   database=config.storage.database, sink=self.store, mutes=self.mutes)  # fmt: skip
+                                   database=config.storage.database, sink=self.store)  # fmt: skip
         self.store.start()
         self.publisher.mark_ready()  # nothing to state first: no pipeline here
         self.publisher.start()
