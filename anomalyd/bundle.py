@@ -72,12 +72,16 @@ class Threshold:
     clip_scores: ScoreStats  # validation clips' scores (mean of window errors per clip)
     window_scores: ScoreStats  # validation windows' errors, for rules applied to single windows
     k: float = 3.0
+    # How `k` was chosen by `anomalyd calibrate` (see `anomalyd.calibrate`), as validated by
+    # `anomalyd.bundle_schema.CalibrationDoc`; None: never calibrated, `k` is the default.
+    calibration: dict[str, Any] | None = None
 
     @property
     def value(self) -> float:
         return self.clip_scores.threshold(self.k)
 
     def to_dict(self) -> dict[str, Any]:
+        calibration = {} if self.calibration is None else {"calibration": self.calibration}
         return {
             "k": self.k,
             "value": self.value,
@@ -87,6 +91,7 @@ class Threshold:
             "window_mean": self.window_scores.mean,
             "window_std": self.window_scores.std,
             "n_windows": self.window_scores.n,
+            **calibration,
         }
 
 
@@ -201,6 +206,7 @@ def _meta_from_doc(doc: MetaDoc) -> BundleMeta:
             clip_scores=ScoreStats(t.mean, t.std, t.n_clips),
             window_scores=ScoreStats(t.window_mean, t.window_std, t.n_windows),
             k=t.k,
+            calibration=None if t.calibration is None else t.calibration.model_dump(),
         ),
         files=dict(doc.files),
         architecture=dict(doc.architecture),

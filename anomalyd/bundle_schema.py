@@ -71,6 +71,16 @@ FileName = Annotated[str, AfterValidator(_file_name)]
 Sha256 = Annotated[str, AfterValidator(_sha256)]
 
 
+def _aware_iso_time(value: str) -> str:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise ValueError("not an ISO 8601 time") from None
+    if parsed.tzinfo is None:
+        raise ValueError("an ISO 8601 time needs its UTC offset")
+    return value
+
+
 class _Doc(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -101,6 +111,46 @@ class NormalisationDoc(_Doc):
     std: list[Annotated[float, Field(ge=MIN_STD_DB, le=MAX_DB)]] = Field(min_length=1, max_length=MAX_MELS)
 
 
+MAX_SOURCES = 10_000  # audio files or folders named in a calibration
+MAX_DAY_EVENTS = 1e9  # events per day: more than one per window of 0.1 ms is not a rate anyone asks for
+NonNegative = Annotated[float, Field(ge=0)]
+
+
+class CalibrationDetectorDoc(_Doc):
+    n: int = Field(ge=1, le=1000)
+    m: int = Field(ge=1, le=1000)
+    hold_off_windows: int = Field(ge=1, le=1000)
+    cooldown_seconds: float = Field(ge=0, le=86_400)
+
+
+class CalibrationAnomalyDoc(_Doc):
+    files: int = Field(ge=1, le=MAX_COUNT)
+    detected: int = Field(ge=0, le=MAX_COUNT)
+    detection_rate: float = Field(ge=0, le=1)
+    median_delay_seconds: NonNegative | None = Field(description="null when nothing was detected")
+
+
+class CalibrationDoc(_Doc):
+    """How `anomalyd calibrate` chose k: the budget and the evidence on the audio it replayed."""
+
+    k: float = Field(ge=0, le=MAX_K)
+    false_alarms_per_day: float = Field(gt=0, le=MAX_DAY_EVENTS)
+    normal_seconds: float = Field(gt=0, le=1e12)
+    events: int = Field(ge=0, le=MAX_COUNT)
+    events_per_day: float = Field(ge=0, le=MAX_DAY_EVENTS)
+    events_per_day_upper95: float = Field(ge=0, le=1e12)
+    detector: CalibrationDetectorDoc
+    anomaly: CalibrationAnomalyDoc | None
+    calibrated_at: str = Field(max_length=64, description="UTC, ISO 8601 with offset")
+    normal_sources: list[Annotated[str, Field(max_length=4096)]] = Field(min_length=1, max_length=MAX_SOURCES)
+    anomaly_sources: list[Annotated[str, Field(max_length=4096)]] = Field(max_length=MAX_SOURCES)
+
+    @field_validator("calibrated_at")
+    @classmethod
+    def _aware_time(cls, value: str) -> str:
+        return _aware_iso_time(value)
+
+
 class ThresholdDoc(_Doc):
     k: float = Field(ge=0, le=MAX_K)
     value: float = Field(ge=0)
@@ -110,6 +160,7 @@ class ThresholdDoc(_Doc):
     window_mean: float = Field(ge=0)
     window_std: float = Field(ge=0)
     n_windows: int = Field(ge=2, le=MAX_COUNT)
+    calibration: CalibrationDoc | None = None
 
     @model_validator(mode="after")
     def _value_is_the_rule(self) -> ThresholdDoc:
@@ -117,6 +168,12 @@ class ThresholdDoc(_Doc):
         expected = self.mean + self.k * self.std
         if not math.isclose(self.value, expected, rel_tol=THRESHOLD_TOLERANCE, abs_tol=1e-12):
             raise ValueError(f"value {self.value} is not mean + k * std = {expected}")
+        # The evidence must describe the k in use: a k edited after calibration has none.
+        if self.calibration is not None and self.calibration.k != self.k:
+            raise ValueError(
+                f"k {self.k} is not the calibrated k {self.calibration.k}; "
+                "calibrate again or remove the calibration"
+            )
         return self
 
 
@@ -139,13 +196,7 @@ class MetaDoc(_Doc):
     @field_validator("created_at")
     @classmethod
     def _aware_time(cls, value: str) -> str:
-        try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError:
-            raise ValueError("not an ISO 8601 time") from None
-        if parsed.tzinfo is None:
-            raise ValueError("an ISO 8601 time needs its UTC offset")
-        return value
+        return _aware_iso_time(value)
 
 
 def _submodel(model: type[BaseModel] | None, part: int | str) -> type[BaseModel] | None:

@@ -7,7 +7,6 @@ with `-v`. `score` exits 0 or 1 only for real verdicts (all normal / some anomal
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import sys
@@ -17,10 +16,11 @@ from pathlib import Path
 from anomalyd import __version__
 from anomalyd.bundle import load_bundle
 from anomalyd.bundle_schema import MAX_K
-from anomalyd.config import DEFAULT_CONFIG, config_warnings, load_config
-from anomalyd.errors import AnomalydError
+from anomalyd.config import DEFAULT_CONFIG, DetectorConfig, HealthConfig, config_warnings, load_config
+from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.inference import open_autoencoder
-from anomalyd.scoring import ClipScorer, is_anomalous
+from anomalyd.replay import Rule, describe_verdict, first_event_seconds
+from anomalyd.scoring import ClipScorer
 
 logger = logging.getLogger("anomalyd")
 
@@ -38,26 +38,74 @@ def error(message: str) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score audio files against a bundle: 0 all normal, 1 any anomalous, 2 any error."""
+    """Score audio files against a bundle and give the daemon's verdict on each: would it raise an event,
+    and when. Exit 0 when none would, 1 when any would, 2 on any error."""
     bundle = load_bundle(args.bundle)
     scorer = ClipScorer.from_bundle(bundle, threads=args.threads)
-    threshold = bundle.meta.threshold
-    if args.k is not None:
-        threshold = dataclasses.replace(threshold, k=args.k)
+    k = bundle.meta.threshold.k if args.k is None else args.k
+    rule = Rule.for_k(bundle.meta.threshold, k, DetectorConfig(), HealthConfig().silence_dbfs)
     status = EXIT_NORMAL
     for path in args.files:
         try:
-            score = scorer.score_file(path, channel=args.channel).score
+            scored = scorer.stream_file(path, channel=args.channel)
         except AnomalydError as exc:
             error(str(exc))
             status = EXIT_ERROR
             continue
-        anomalous = is_anomalous(score, threshold)
-        verdict = "ANOMALY" if anomalous else "normal"
-        print(f"{path}\tscore={score:.5f}\tthreshold={threshold.value:.5f}\t{verdict}", flush=True)
-        if anomalous and status == EXIT_NORMAL:
+        event = first_event_seconds(scored, rule)
+        verdict = "normal" if event is None else "ANOMALY"
+        print(
+            f"{path}\tscore={scored.clip.score:.5f}\tthreshold={rule.threshold:.5f}\t"
+            f"{describe_verdict(event)}\t{verdict}",
+            flush=True,
+        )
+        if event is not None and status == EXIT_NORMAL:
             status = EXIT_ANOMALY
     return status
+
+
+def _detector_settings(config_path: Path | None, stream: str | None) -> tuple[DetectorConfig, float]:
+    """Detector settings and silence level: the daemon's defaults, or one stream's from a config file."""
+    if config_path is None:
+        return DetectorConfig(), HealthConfig().silence_dbfs
+    config = load_config(config_path)
+    names = [s.name for s in config.streams]
+    if stream is None and len(names) > 1:
+        raise ConfigError(f"{config_path}: several streams ({', '.join(names)}): say which with --stream")
+    chosen = [s for s in config.streams if stream is None or s.name == stream]
+    if not chosen:
+        raise ConfigError(f"{config_path}: no stream {stream!r}; streams: {', '.join(names)}")
+    detector = chosen[0].detector
+    if detector.k is not None or detector.threshold is not None:
+        print(
+            f"anomalyd: warning: stream {chosen[0].name} sets its own detector k or threshold, which "
+            "overrides the bundle's calibrated k",
+            file=sys.stderr,
+        )
+    return detector, config.health.silence_dbfs
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Choose k for a false-alarm budget by replaying audio through the daemon's detector; record it."""
+    from anomalyd import calibrate  # noqa: PLC0415
+
+    budget = calibrate.check_budget(args.false_alarms_per_day)
+    detector, silence_dbfs = _detector_settings(args.config, args.stream)
+    bundle = load_bundle(args.bundle)
+    result = calibrate.calibrate(
+        bundle,
+        args.normal,
+        args.anomaly or [],
+        budget,
+        detector=detector,
+        silence_dbfs=silence_dbfs,
+        channel=args.channel,
+    )
+    for line in calibrate.report_lines(result):
+        print(line)
+    path = calibrate.write_calibration(result)
+    print(f"wrote k = {result.chosen.k:.3f} (was {bundle.meta.threshold.k:g}) and its evidence to {path}")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,17 +157,44 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser(
         "score",
         help="score audio files against a model bundle",
-        description="Print one line per file: score, threshold, verdict. "
-        "Exit status 0 when all files are normal, 1 when any is anomalous, 2 on any error.",
+        description="Print one line per file: the clip score (mean window score, for ranking), the "
+        "window threshold, and the daemon's verdict: whether its detector (n-of-m windows over the "
+        "threshold, default settings) would raise an event on this file, and when. Exit status 0 when "
+        "no file would raise one, 1 when any would, 2 on any error.",
     )
     score.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
     score.add_argument(
         "--channel", type=_channel, default=0, help="channel of multi-channel files (default 0)"
     )
-    score.add_argument("--k", type=_k, help="override the bundle's k in threshold = mean + k * std (0..100)")
+    score.add_argument(
+        "--k", type=_k, help="override the bundle's k in window threshold = mean + k * std (0..100)"
+    )
     score.add_argument("--threads", type=_threads, default=1, help="ONNX Runtime threads (default 1)")
     score.add_argument("files", type=Path, nargs="+", metavar="FILE", help="WAV or FLAC files")
     score.set_defaults(func=cmd_score)
+
+    calib = commands.add_parser(
+        "calibrate",
+        help="choose k for a false-alarm budget and record it in the bundle",
+        description="Replay normal audio through the daemon's own windows and detector (n-of-m, "
+        "hold-off, cooldown), choose the smallest k whose events on it stay within the budget, and "
+        "record k with its evidence in the bundle's model.json. With --anomaly, also report detection "
+        "rate and delay. AUDIO: WAV/FLAC files or folders of them.",
+    )
+    calib.add_argument("--bundle", type=Path, required=True, help="model bundle folder (updated in place)")
+    calib.add_argument("--normal", type=Path, nargs="+", required=True, metavar="AUDIO", help="normal audio")
+    calib.add_argument("--anomaly", type=Path, nargs="+", metavar="AUDIO", help="anomalous audio (optional)")
+    calib.add_argument(
+        "--false-alarms-per-day", required=True, metavar="X", help="budget: false events a day (> 0)"
+    )
+    calib.add_argument(
+        "--config", type=Path, help="take the detector settings from this daemon config (default: defaults)"
+    )
+    calib.add_argument("--stream", help="the config's stream whose detector settings to use")
+    calib.add_argument(
+        "--channel", type=_channel, default=0, help="channel of multi-channel files (default 0)"
+    )
+    calib.set_defaults(func=cmd_calibrate)
 
     run = commands.add_parser(
         "run",

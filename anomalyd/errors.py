@@ -41,3 +41,7 @@ class CommandError(AnomalydError):
 
 class ScoreError(AnomalydError):
     """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""
+
+
+class CalibrationError(AnomalydError):
+    """A calibration that cannot be done as asked: a bad budget, too little or no usable audio."""

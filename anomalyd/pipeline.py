@@ -170,11 +170,13 @@ class Pipeline:
         assert self.config is not None
         old = {s.name: s for s in self.config.streams}
         models = self._models(config)  # before touching anything: a bad bundle refuses the whole reload
+        # A calibration changes k in model.json but not the model id: the threshold counts as a change.
         unchanged = {
             s.name
             for s in config.streams
             if old.get(s.name) == s
             and self._runtimes[s.name].model.bundle.meta.model_id == models[s.bundle].bundle.meta.model_id
+            and self._runtimes[s.name].model.bundle.meta.threshold == models[s.bundle].bundle.meta.threshold
             and config.health == self.config.health
             and config.storage.clips == self.config.storage.clips
         }

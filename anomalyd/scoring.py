@@ -3,7 +3,8 @@
 A window's score is its pooled squared reconstruction error (see `anomalyd.windows.window_errors`).
 A clip's score is the mean of its window scores (windows every `hop_frames` frames), as in the DCASE
 baselines: a fault that lasts the whole clip lifts every window, and one loud transient cannot by itself
-flag a clip. The threshold for clips is mean + k * std of the validation clips' scores.
+flag a clip. Clip scores rank files (AUC); verdicts come from the daemon's detector replayed over the
+window scores (`anomalyd.replay`), the one threshold definition.
 
 Files are scored as a stream (the daemon's own `StreamingWindows`), block by block, so memory does not
 grow with a file's length. A window score that is not a finite number is a `ScoreError`: there is no
@@ -21,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from anomalyd.audio import stream_audio
-from anomalyd.bundle import Bundle, Threshold
+from anomalyd.bundle import Bundle
 from anomalyd.errors import AudioError, ScoreError
 from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder, open_autoencoder
@@ -38,6 +39,23 @@ MAX_BATCH_WINDOWS = 64  # windows per ONNX Runtime call when scoring a file
 class ClipScore:
     score: float  # mean of the window scores
     window_errors: npt.NDArray[np.float32]  # (n_windows,)
+
+
+@dataclass(frozen=True)
+class ScoredFile:
+    """A file streamed as the daemon streams it: each window's score and where it lies, for replays."""
+
+    source: str
+    clip: ClipScore
+    start_samples: npt.NDArray[np.int64]  # (n_windows,) first sample of each window, at the model rate
+    end_samples: npt.NDArray[np.int64]  # (n_windows,) one past its last sample
+    quietest_dbfs: npt.NDArray[np.float64]  # (n_windows,) RMS of each window's quietest hop
+    n_samples: int  # audio length, at the model rate
+    sample_rate: int  # Hz
+
+    @property
+    def seconds(self) -> float:
+        return self.n_samples / self.sample_rate
 
 
 def aggregate(window_errors: npt.NDArray[np.float32]) -> float:
@@ -94,20 +112,37 @@ class ClipScorer:
 
     def score_file(self, path: Path, channel: int = 0) -> ClipScore:
         """Score a file block by block; raises AudioError or ScoreError naming the file."""
+        return self.stream_file(path, channel).clip
+
+    def stream_file(self, path: Path, channel: int = 0) -> ScoredFile:
+        """Score a file block by block through the daemon's `StreamingWindows`, keeping every window's
+        place and level (not its values), so that the daemon's detector can be replayed on it."""
         p = self.logmel.params
         streamer = StreamingWindows(self.logmel, self.geometry, self.normalisation)
         errors: list[npt.NDArray[np.float32]] = []
+        places: list[tuple[int, int, float]] = []
         pending: list[Window] = []
         blocks = stream_audio(path, p.sample_rate, channel)
         for block in rechunk(blocks, FRAMES_PER_STEP * p.hop_length):
             pending += streamer.push(block)
             if len(pending) >= MAX_BATCH_WINDOWS:
                 errors.append(self._errors(np.stack([w.values for w in pending])))
+                places += [(w.start_sample, w.end_sample, w.quietest_dbfs) for w in pending]
                 pending = []
         self._check_length(streamer.samples_in, str(path))
         if pending:
             errors.append(self._errors(np.stack([w.values for w in pending])))
-        return self._clip_score(np.concatenate(errors), str(path))
+            places += [(w.start_sample, w.end_sample, w.quietest_dbfs) for w in pending]
+        starts, ends, quietest = zip(*places, strict=True)
+        return ScoredFile(
+            source=str(path),
+            clip=self._clip_score(np.concatenate(errors), str(path)),
+            start_samples=np.asarray(starts, dtype=np.int64),
+            end_samples=np.asarray(ends, dtype=np.int64),
+            quietest_dbfs=np.asarray(quietest, dtype=np.float64),
+            n_samples=streamer.samples_in,
+            sample_rate=p.sample_rate,
+        )
 
     def _check_length(self, n_samples: int, source: str) -> None:
         if n_samples < self.min_samples:
@@ -150,9 +185,3 @@ def rechunk(blocks: Iterable[npt.NDArray[np.float32]], size: int) -> Iterator[np
     if n_held:
         yield np.concatenate(held)
 
-
-def is_anomalous(score: float, threshold: Threshold) -> bool:
-    """score > threshold; a score or threshold that is not finite has no verdict (ScoreError)."""
-    if not (math.isfinite(score) and math.isfinite(threshold.value)):
-        raise ScoreError(f"score {score} against threshold {threshold.value}: not finite, no verdict")
-    return score > threshold.value

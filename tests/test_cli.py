@@ -34,9 +34,11 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def parse_score_lines(stdout: str) -> dict[str, tuple[float, float, str]]:
+    """name -> (clip score, window threshold, verdict); the event column is checked to agree."""
     rows = {}
     for line in stdout.splitlines():
-        path, score, threshold, verdict = line.split("\t")
+        path, score, threshold, event, verdict = line.split("\t")
+        assert (event == "no event") == (verdict == "normal"), line
         rows[Path(path).name] = (float(score.split("=")[1]), float(threshold.split("=")[1]), verdict)
     return rows
 
@@ -49,7 +51,6 @@ def test_score_exit_status_follows_the_verdicts(bundle_dir: Path, synth_test: Pa
     assert result.returncode == 0, result.stdout + result.stderr
     rows = parse_score_lines(result.stdout)
     assert [rows[p.name][2] for p in normal] == ["normal"] * 3
-    assert all(score <= threshold for score, threshold, _ in rows.values())
 
     result = run(*ANOMALYD, "score", "--bundle", bundle_dir, *normal, *faulty)
     assert result.returncode == 1
@@ -137,9 +138,13 @@ def test_evaluate_writes_metrics_scores_and_plots(bundle_dir: Path, synth_test: 
     normal = [float(r["score"]) for r in rows if r["label"] == "normal"]
     anomaly = [float(r["score"]) for r in rows if r["label"] == "anomaly"]
     assert metrics["auc"] == pytest.approx(mann_whitney_auc(normal, anomaly), abs=1e-9)
-    threshold = metrics["threshold"]
-    assert metrics["fpr"] == pytest.approx(np.mean(np.array(normal) > threshold))
-    assert metrics["tpr"] == pytest.approx(np.mean(np.array(anomaly) > threshold))
+    # TPR and FPR are the daemon's verdict per file (an event or not), as `anomalyd score` gives it.
+    events = {"normal": [], "anomaly": []}
+    for r in rows:
+        events[r["label"]].append(r["verdict"] == "anomaly")
+        assert (r["event_seconds"] != "") == (r["verdict"] == "anomaly")
+    assert metrics["fpr"] == pytest.approx(np.mean(events["normal"]))
+    assert metrics["tpr"] == pytest.approx(np.mean(events["anomaly"]))
     for png in ("roc.png", "histogram.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -152,6 +157,7 @@ def test_evaluate_writes_metrics_scores_and_plots(bundle_dir: Path, synth_test: 
     for r in rows:
         if r["label"] == "anomaly":
             assert cli[Path(r["file"]).name][0] == pytest.approx(float(r["score"]), abs=1e-5)
+            assert cli[Path(r["file"]).name][2] == ("ANOMALY" if r["verdict"] == "anomaly" else "normal")
 
 
 def standardised_pauc(normal: list[float], anomaly: list[float], max_fpr: float) -> float:

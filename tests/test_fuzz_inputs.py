@@ -96,11 +96,12 @@ def check_cli_outcome(status: int, out: str, err: str, *named: Path) -> None:
         return
     assert err == "", err
     (line,) = out.splitlines()
-    _, score, threshold, verdict = line.split("\t")
+    _, score, threshold, verdict_event, verdict = line.split("\t")
     value, limit = float(score.removeprefix("score=")), float(threshold.removeprefix("threshold="))
     assert math.isfinite(value), line
     assert math.isfinite(limit), line
-    assert verdict == ("ANOMALY" if value > limit else "normal"), line
+    assert re.fullmatch(r"no event|event at \d+\.\d\d s", verdict_event), line
+    assert verdict == ("normal" if verdict_event == "no event" else "ANOMALY"), line
     assert status == (1 if verdict == "ANOMALY" else 0), line
     event(f"exit {status}: a verdict")
 

@@ -2,10 +2,12 @@
 
     python -m training.evaluate --bundle B --normal DIR --anomaly DIR [--json OUT] [--csv OUT] [--plots DIR]
 
-pAUC is the area under the ROC curve up to a false-positive rate of 0.1, McClish-standardised, exactly as
-the DCASE 2020-2024 Task 2 evaluators compute it (`sklearn.metrics.roc_auc_score(..., max_fpr=0.1)`).
-TPR and FPR are the shares of anomalous and normal files whose score exceeds the bundle's threshold.
-Files that cannot be scored are skipped with a warning and counted, never fatal.
+AUC and pAUC rank files by their clip score (the mean window score). pAUC is the area under the ROC curve
+up to a false-positive rate of 0.1, McClish-standardised, exactly as the DCASE 2020-2024 Task 2 evaluators
+compute it (`sklearn.metrics.roc_auc_score(..., max_fpr=0.1)`).
+TPR and FPR are the daemon's verdict, the one threshold definition (`anomalyd.replay`): the shares of
+anomalous and normal files on which the daemon's detector, at the bundle's k and default settings, would
+raise an event. Files that cannot be scored are skipped with a warning and counted, never fatal.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomalyd.audio import list_audio_files
 from anomalyd.bundle import Bundle, load_bundle
+from anomalyd.calibrate import Replayer
+from anomalyd.config import DetectorConfig, HealthConfig
 from anomalyd.errors import AnomalydError, AudioError
-from anomalyd.scoring import ClipScorer
+from anomalyd.replay import Rule, first_event_seconds
+from anomalyd.scoring import ClipScorer, ScoredFile
 
 logger = logging.getLogger("training.evaluate")
 
@@ -36,46 +41,55 @@ MAX_FPR = 0.1  # DCASE Task 2 pAUC range
 class FileScore:
     path: Path
     label: int  # 0 normal, 1 anomaly
-    score: float
+    score: float  # clip score: the mean window score, for ranking (AUC)
+    event_seconds: float | None = None  # the daemon's verdict: its first event's start; None: no event
+
+    @property
+    def anomalous(self) -> bool:
+        return self.event_seconds is not None
 
 
 @dataclass(frozen=True)
 class Metrics:
     auc: float
     pauc: float
-    tpr: float
-    fpr: float
-    threshold: float
+    tpr: float  # share of anomalous files on which the daemon raises an event
+    fpr: float  # share of normal files on which it does
+    threshold: float  # the window-score threshold, mean + k * std of validation window scores
+    k: float
     n_normal: int
     n_anomaly: int
     n_skipped: int
     model_id: str
 
 
-def score_folder(scorer: ClipScorer, folder: Path, label: int) -> tuple[list[FileScore], int]:
-    scores, skipped = [], 0
+def score_folder(scorer: ClipScorer, folder: Path) -> tuple[list[ScoredFile], int]:
+    scored, skipped = [], 0
     for path in list_audio_files(folder):
         try:
-            scores.append(FileScore(path, label, scorer.score_file(path).score))
+            scored.append(scorer.stream_file(path))
         except AudioError as exc:
             logger.warning("skipping %s", exc)
             skipped += 1
-    return scores, skipped
+    return scored, skipped
 
 
-def compute_metrics(scores: list[FileScore], threshold: float, n_skipped: int, model_id: str) -> Metrics:
+def compute_metrics(
+    scores: list[FileScore], threshold: float, n_skipped: int, model_id: str, k: float = 3.0
+) -> Metrics:
     labels = np.array([s.label for s in scores])
     values = np.array([s.score for s in scores])
     n_anomaly, n_normal = int(labels.sum()), int((labels == 0).sum())
     if n_anomaly == 0 or n_normal == 0:
         raise AnomalydError(f"need scored normal and anomalous files, got {n_normal} and {n_anomaly}")
-    above = values > threshold
+    events = np.array([s.anomalous for s in scores])
     return Metrics(
         auc=float(roc_auc_score(labels, values)),
         pauc=float(roc_auc_score(labels, values, max_fpr=MAX_FPR)),
-        tpr=float(above[labels == 1].mean()),
-        fpr=float(above[labels == 0].mean()),
+        tpr=float(events[labels == 1].mean()),
+        fpr=float(events[labels == 0].mean()),
         threshold=threshold,
+        k=k,
         n_normal=n_normal,
         n_anomaly=n_anomaly,
         n_skipped=n_skipped,
@@ -86,11 +100,12 @@ def compute_metrics(scores: list[FileScore], threshold: float, n_skipped: int, m
 def write_csv(scores: list[FileScore], threshold: float, path: Path) -> None:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "label", "score", "threshold", "verdict"])
+        writer.writerow(["file", "label", "score", "threshold", "verdict", "event_seconds"])
         for s in scores:
-            verdict = "anomaly" if s.score > threshold else "normal"
+            verdict = "anomaly" if s.anomalous else "normal"
             label = "anomaly" if s.label else "normal"
-            writer.writerow([str(s.path), label, f"{s.score:.6f}", f"{threshold:.6f}", verdict])
+            event = "" if s.event_seconds is None else f"{s.event_seconds:.2f}"
+            writer.writerow([str(s.path), label, f"{s.score:.6f}", f"{threshold:.6f}", verdict, event])
 
 
 def write_plots(scores: list[FileScore], metrics: Metrics, folder: Path) -> None:
@@ -108,7 +123,7 @@ def write_plots(scores: list[FileScore], metrics: Metrics, folder: Path) -> None
     ax.plot(fpr, tpr, label=f"AUC {metrics.auc:.3f}, pAUC {metrics.pauc:.3f}")
     ax.plot([0, 1], [0, 1], linestyle=":", color="grey")
     ax.axvline(MAX_FPR, linestyle="--", color="grey", linewidth=0.8, label=f"pAUC range (FPR <= {MAX_FPR})")
-    ax.scatter([metrics.fpr], [metrics.tpr], color="red", zorder=3, label="bundle threshold")
+    ax.scatter([metrics.fpr], [metrics.tpr], color="red", zorder=3, label="daemon verdict at the bundle's k")
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {metrics.model_id}")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -119,7 +134,9 @@ def write_plots(scores: list[FileScore], metrics: Metrics, folder: Path) -> None
     bins = np.linspace(values.min(), values.max(), 40).tolist()
     ax.hist(values[labels == 0], bins=bins, alpha=0.6, label=f"normal ({metrics.n_normal})")
     ax.hist(values[labels == 1], bins=bins, alpha=0.6, label=f"anomaly ({metrics.n_anomaly})")
-    ax.axvline(metrics.threshold, color="red", linestyle="--", label=f"threshold {metrics.threshold:.4f}")
+    ax.axvline(
+        metrics.threshold, color="red", linestyle="--", label=f"window threshold {metrics.threshold:.4f}"
+    )
     ax.set(xlabel="clip score (mean window reconstruction error)", ylabel="files", title="score histogram")
     ax.legend()
     fig.tight_layout()
@@ -127,15 +144,37 @@ def write_plots(scores: list[FileScore], metrics: Metrics, folder: Path) -> None
     plt.close(fig)
 
 
-def evaluate(bundle: Bundle, normal: Path, anomaly: Path) -> tuple[list[FileScore], Metrics]:
+@dataclass(frozen=True)
+class Evaluation:
+    scores: list[FileScore]
+    metrics: Metrics
+    replayer: Replayer  # every file's window scores, for replaying the detector at other k
+
+
+def run_evaluation(bundle: Bundle, normal: Path, anomaly: Path) -> Evaluation:
+    """Stream every file once; clip scores for the ROC, the daemon's verdict at the bundle's k."""
     scorer = ClipScorer.from_bundle(bundle)
-    normal_scores, skipped_n = score_folder(scorer, normal, 0)
-    anomaly_scores, skipped_a = score_folder(scorer, anomaly, 1)
-    scores = normal_scores + anomaly_scores
+    normal_scored, skipped_n = score_folder(scorer, normal)
+    anomaly_scored, skipped_a = score_folder(scorer, anomaly)
+    threshold = bundle.meta.threshold
+    rule = Rule.for_k(threshold, threshold.k, DetectorConfig(), HealthConfig().silence_dbfs)
+    scores = [
+        FileScore(Path(f.source), label, f.clip.score, first_event_seconds(f, rule))
+        for label, files in ((0, normal_scored), (1, anomaly_scored))
+        for f in files
+    ]
     metrics = compute_metrics(
-        scores, bundle.meta.threshold.value, skipped_n + skipped_a, bundle.meta.model_id
+        scores, rule.threshold, skipped_n + skipped_a, bundle.meta.model_id, threshold.k
     )
-    return scores, metrics
+    replayer = Replayer(
+        normal_scored, anomaly_scored, threshold.window_scores, rule.detector, rule.silence_dbfs
+    )
+    return Evaluation(scores, metrics, replayer)
+
+
+def evaluate(bundle: Bundle, normal: Path, anomaly: Path) -> tuple[list[FileScore], Metrics]:
+    evaluation = run_evaluation(bundle, normal, anomaly)
+    return evaluation.scores, evaluation.metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files      {metrics.n_normal} normal, {metrics.n_anomaly} anomalous, {metrics.n_skipped} skipped")
     print(f"AUC        {metrics.auc:.4f}")
     print(f"pAUC       {metrics.pauc:.4f}  (max FPR {MAX_FPR})")
-    print(f"threshold  {metrics.threshold:.5f}: TPR {metrics.tpr:.3f}, FPR {metrics.fpr:.3f}")
+    print(
+        f"daemon     window threshold {metrics.threshold:.5f} (k {metrics.k:g}): "
+        f"TPR {metrics.tpr:.3f}, FPR {metrics.fpr:.3f} (files with an event)"
+    )
     if args.json:
         args.json.write_text(json.dumps(asdict(metrics), indent=2) + "\n")
     if args.csv:
