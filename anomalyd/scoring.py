@@ -184,4 +184,3 @@ def rechunk(blocks: Iterable[npt.NDArray[np.float32]], size: int) -> Iterator[np
         held, n_held = [joined[whole:]], len(joined) - whole
     if n_held:
         yield np.concatenate(held)
-

@@ -1,6 +1,7 @@
 """Evaluate a bundle on labelled recordings: AUC, pAUC, and the operating point at its threshold.
 
-    python -m training.evaluate --bundle B --normal DIR --anomaly DIR [--json OUT] [--csv OUT] [--plots DIR]
+    python -m training.evaluate --bundle B --normal DIR --anomaly DIR [--report OUT.html] [--json OUT]
+                                [--csv OUT] [--plots DIR]
 
 AUC and pAUC rank files by their clip score (the mean window score). pAUC is the area under the ROC curve
 up to a false-positive rate of 0.1, McClish-standardised, exactly as the DCASE 2020-2024 Task 2 evaluators
@@ -8,6 +9,8 @@ compute it (`sklearn.metrics.roc_auc_score(..., max_fpr=0.1)`).
 TPR and FPR are the daemon's verdict, the one threshold definition (`anomalyd.replay`): the shares of
 anomalous and normal files on which the daemon's detector, at the bundle's k and default settings, would
 raise an event. Files that cannot be scored are skipped with a warning and counted, never fatal.
+Outputs whose folder does not exist are refused before anything is scored; test files that were also
+training or validation files (same SHA-256 as listed in model.json) are warned about.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy.typing as npt
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from anomalyd.audio import list_audio_files
-from anomalyd.bundle import Bundle, load_bundle
+from anomalyd.bundle import Bundle, load_bundle, sha256_file
 from anomalyd.calibrate import Replayer
 from anomalyd.config import DetectorConfig, HealthConfig
 from anomalyd.errors import AnomalydError, AudioError
@@ -177,21 +180,59 @@ def evaluate(bundle: Bundle, normal: Path, anomaly: Path) -> tuple[list[FileScor
     return evaluation.scores, evaluation.metrics
 
 
+def check_outputs(outputs: dict[str, Path | None]) -> None:
+    """Refuse, before any scoring, an output whose folder does not exist (an hour of scoring lost to a
+    typo otherwise)."""
+    for option, path in outputs.items():
+        if path is not None and not path.absolute().parent.is_dir():
+            raise AnomalydError(f"{option} {path}: folder {path.absolute().parent} does not exist")
+
+
+def training_overlap(bundle: Bundle, scores: list[FileScore]) -> list[str]:
+    """Test files whose content the bundle was trained or validated on (by SHA-256 in model.json)."""
+    listed = {
+        entry.get("sha256"): entry.get("name")
+        for key in ("train_files", "val_files")
+        for entry in bundle.meta.training.get(key, [])
+        if isinstance(entry, dict)
+    }
+    return [str(s.path) for s in scores if sha256_file(s.path) in listed]
+
+
+def overlap_warning(files: list[str]) -> str:
+    shown = ", ".join(files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    return (
+        f"{len(files)} test file(s) were also training or validation files of this bundle (same content): "
+        f"{shown}; their scores are optimistic"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, required=True, help="model bundle folder")
     parser.add_argument("--normal", type=Path, required=True, help="folder of normal recordings")
     parser.add_argument("--anomaly", type=Path, required=True, help="folder of anomalous recordings")
+    parser.add_argument("--report", type=Path, help="write a self-contained HTML report here")
     parser.add_argument("--json", type=Path, help="write the metrics as JSON here")
     parser.add_argument("--csv", type=Path, help="write per-file scores as CSV here")
     parser.add_argument("--plots", type=Path, help="folder for roc.png, histogram.png and scores.csv")
     args = parser.parse_args(argv)
     try:
-        scores, metrics = evaluate(load_bundle(args.bundle), args.normal, args.anomaly)
+        check_outputs(
+            {"--report": args.report, "--json": args.json, "--csv": args.csv, "--plots": args.plots}
+        )
+        bundle = load_bundle(args.bundle)
+        evaluation = run_evaluation(bundle, args.normal, args.anomaly)
     except AnomalydError as exc:
         logger.error("%s", exc)
         return 2
+    scores, metrics = evaluation.scores, evaluation.metrics
+    warnings = []
+    overlap = training_overlap(bundle, scores)
+    if overlap:
+        warnings.append(overlap_warning(overlap))
+        logger.warning("%s", warnings[-1])
     print(f"model      {metrics.model_id}")
     print(f"files      {metrics.n_normal} normal, {metrics.n_anomaly} anomalous, {metrics.n_skipped} skipped")
     print(f"AUC        {metrics.auc:.4f}")
@@ -207,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plots:
         write_plots(scores, metrics, args.plots)
         write_csv(scores, metrics.threshold, args.plots / "scores.csv")
+    if args.report:
+        from training.report import write_report  # noqa: PLC0415 - matplotlib is slow to import
+
+        write_report(args.report, bundle, evaluation, warnings)
+        print(f"report     {args.report}")
     return 0
 
 
