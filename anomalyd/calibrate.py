@@ -182,10 +182,10 @@ class Replayer:
 
     def k_for(self, threshold: float) -> float:
         """The smallest k on the K_STEP grid whose threshold is at least `threshold`."""
-        k = max(0.0, math.ceil((threshold - self.stats.mean) / self.stats.std / K_STEP) * K_STEP)
-        while self.stats.threshold(k) < threshold:
-            k += K_STEP
-        return round(k, 6)
+        k = round(max(0.0, math.ceil((threshold - self.stats.mean) / self.stats.std / K_STEP) * K_STEP), 6)
+        while self.stats.threshold(k) < threshold:  # rounding in mean + k * std may land just below
+            k = round(k + K_STEP, 6)
+        return k
 
     def within(self, events: int, budget: float) -> bool:
         return events / self.normal_seconds * DAY_S <= budget

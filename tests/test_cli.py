@@ -99,11 +99,12 @@ def test_k_override_moves_the_threshold(bundle_dir: Path, synth_test: Path) -> N
     [
         [*ANOMALYD, "--help"],
         [*ANOMALYD, "score", "--help"],
+        [*ANOMALYD, "calibrate", "--help"],
         [sys.executable, "-m", "training.train", "--help"],
         [sys.executable, "-m", "training.evaluate", "--help"],
         [sys.executable, "-m", "fixtures.synth", "--help"],
     ],
-    ids=["anomalyd", "score", "train", "evaluate", "synth"],
+    ids=["anomalyd", "score", "calibrate", "train", "evaluate", "synth"],
 )
 def test_every_command_has_help(command: list[str]) -> None:
     result = run(*command)

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
     from training.evaluate import Evaluation
 
-SWEEP_KS = (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)  # plus the bundle's own k
+SWEEP_KS = (0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)  # plus the bundle's own k
 EXTREME_CLIPS = 3  # log-mel images of this many normal and anomalous clips
 
 STYLE = """
