@@ -15,7 +15,7 @@ import math
 import re
 import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -202,7 +202,11 @@ class MetaDoc(_Doc):
 def _submodel(model: type[BaseModel] | None, part: int | str) -> type[BaseModel] | None:
     field = model.model_fields.get(str(part)) if model is not None else None
     annotation = field.annotation if field is not None else None
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    # An optional section (`CalibrationDoc | None`) names its fields like a required one.
+    for candidate in (annotation, *get_args(annotation)):
+        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+            return candidate
+    return None
 
 
 def _where(loc: tuple[int | str, ...]) -> str:

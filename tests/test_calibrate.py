@@ -103,6 +103,13 @@ def test_calibration_keeps_its_budget_on_fresh_normal_audio(bundle_dir: Path, tm
     window_threshold = loaded.meta.threshold.window_scores.threshold(k)
     assert all(t == pytest.approx(window_threshold, abs=1e-5) for _, t, _, _ in rows.values())
 
+    # The evidence is validated like every other field.
+    edit_meta(bundle, lambda m: m["threshold"]["calibration"].update(events=-1))
+    with pytest.raises(BundleError, match=r"threshold\.calibration\.events = -1: Input should be greater"):
+        load_bundle(bundle)
+    edit_meta(bundle, lambda m: m["threshold"]["calibration"].update(events=0))
+    load_bundle(bundle)
+
     # k edited by hand no longer matches its evidence: refused, not silently trusted.
     def edit_k(meta: dict[str, Any]) -> None:
         t = meta["threshold"]
