@@ -49,6 +49,11 @@ def _open(folder: Path) -> list[dict[str, object]]:
     return [e for e in read_events(folder / "events.db") if e["state"] == "open"]
 
 
+def _online_again(watcher: Subscriber) -> bool:
+    statuses = [m.payload for m in watcher.on("/edge1/status")]
+    return "offline" in statuses and "online" in statuses[statuses.index("offline") :]
+
+
 def test_sigkill_mid_event_then_restart_ends_it_publicly_and_states_off(
     bundle_dir: Path, tmp_path: Path, broker: Broker
 ) -> None:
@@ -85,6 +90,7 @@ def test_sigkill_mid_event_then_restart_ends_it_publicly_and_states_off(
             )
             # Home Assistant shows an entity's last value again when the node comes back `online`: the
             # true state and source health must be there before that, or a stale "Problem" flashes on.
+            second.wait_for(lambda: _online_again(watcher), 30, "status online after the kill")
             after_kill = watcher.messages[[m.payload for m in watcher.messages].index("offline") :]
             order = [(m.topic.rsplit("/", 1)[1], m.payload) for m in after_kill]
             online = order.index(("status", "online"))
