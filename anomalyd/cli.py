@@ -13,6 +13,7 @@ import math
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from anomalyd import __version__
 from anomalyd.bundle import load_bundle
@@ -97,6 +98,48 @@ def cmd_events(args: argparse.Namespace) -> int:
     return show_events(args)
 
 
+def cmd_bundle_info(args: argparse.Namespace) -> int:
+    from anomalyd.bundleinfo import show_info  # noqa: PLC0415
+
+    return show_info(args.bundle, args.json)
+
+
+def cmd_bundle_install(args: argparse.Namespace) -> int:
+    from anomalyd.bundleinfo import install_bundle  # noqa: PLC0415
+
+    bundle = install_bundle(args.bundle, args.into)
+    print(f"installed {bundle.meta.model_id} in {bundle.path}; reload the daemon: systemctl reload anomalyd")
+    return 0
+
+
+def _add_bundle_commands(commands: Any) -> None:
+    group = commands.add_parser(
+        "bundle", help="describe or install model bundles", description="Describe or install model bundles."
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = actions.add_parser(
+        "info",
+        help="print what a bundle is",
+        description="Load a bundle as the daemon would and print its model id, training data, features, "
+        "threshold, calibration and origin. Exit status 2 (one line) for a bad bundle.",
+    )
+    info.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle folder")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=cmd_bundle_info)
+    install = actions.add_parser(
+        "install",
+        help="copy a bundle into the service's model folder, atomically",
+        description="Copy BUNDLE to --into (e.g. /var/lib/anomalyd/models/NAME): built beside it, loaded "
+        "as the daemon loads it, made readable to the daemon's user (owned by the target folder's owner "
+        "when run as root), then swapped in with one rename. Then reload: systemctl reload anomalyd.",
+    )
+    install.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle folder to install")
+    install.add_argument(
+        "--into", type=Path, required=True, metavar="DIR/NAME", help="where the daemon's config names it"
+    )
+    install.set_defaults(func=cmd_bundle_install)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomalyd",
@@ -161,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true", help="keep printing new and changed events")
     events.add_argument("--format", choices=("table", "csv", "json"), default="table")
     events.set_defaults(func=cmd_events)
+    _add_bundle_commands(commands)
     return parser
 
 
