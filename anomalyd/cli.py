@@ -93,8 +93,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from anomalyd.eventlog import show_events  # noqa: PLC0415
+    from anomalyd.eventlog import mark_event, show_events  # noqa: PLC0415
 
+    if args.action == "mark":
+        return mark_event(args)
+    if args.event_id is not None:
+        raise AnomalydError(f"events: unexpected argument {args.event_id!r} (did you mean: events mark ID)")
     return show_events(args)
 
 
@@ -191,9 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = commands.add_parser(
         "events",
-        help="show logged anomaly events",
-        description="Show anomaly events from the event log, oldest first.",
+        help="show logged anomaly events, or mark one a false alarm",
+        description="Show anomaly events from the event log, oldest first. `anomalyd events mark ID --normal "
+        "[--note TEXT]` marks event ID (or a unique prefix of 8+ digits) a false alarm: its clip is copied "
+        "into <storage.normal_dir>/<stream>/ (extra normal audio for retraining) and retention keeps it.",
     )
+    events.add_argument("action", nargs="?", choices=("mark",), help="mark: mark an event a false alarm")
+    events.add_argument("event_id", nargs="?", metavar="ID", help="the event to mark")
+    events.add_argument("--normal", action="store_true", help="with mark: the event was normal sound")
+    events.add_argument("--note", default="", help="with mark: why (kept in the event log)")
     where = events.add_mutually_exclusive_group()
     where.add_argument(
         "--config", type=Path, help=f"take the database from this config (default {DEFAULT_CONFIG})"
