@@ -11,7 +11,8 @@ audio, much faster than training from scratch.
   scaled by it, and the new audio is mostly the old machine again; refitting on a set that now includes
   unusual clips would shift every input, and the model would first have to unlearn the shift.
 - The threshold is fitted again, on the new validation clips, as in any training.
-- Unless given, epochs, patience and learning rate take the FINETUNE_DEFAULTS below.
+- Unless given as options, epochs, patience and learning rate take the FINETUNE_DEFAULTS below (a
+  preset's values for them are budgets for training from scratch, so they do not count).
 
 The weights are read from weights.safetensors (checked against model.json's checksum by `load_bundle`),
 never from a pickle.
@@ -32,7 +33,7 @@ from anomalyd.features import FeatureParams
 from anomalyd.windows import Normalisation
 from training.model import Architecture, ConvAutoencoder
 
-# Defaults when fine-tuning (an option or a preset still overrides each): the model starts near a good
+# Defaults when fine-tuning (a command-line option still overrides each): the model starts near a good
 # solution, so fewer epochs, a shorter patience and smaller steps that refine it rather than wreck it.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 30, "patience": 5, "learning_rate": 3e-4}
 C = TypeVar("C")  # training.train's TrainConfig (imported from there would be circular)
@@ -93,10 +94,10 @@ def load_parent(path: Path, features: FeatureParams) -> Parent:
     return Parent(bundle, _architecture(bundle))
 
 
-def adapt_config(config: C, explicit: set[str], parent_path: Path) -> C:
+def adapt_config(config: C, explicit: set[str], options: set[str], parent_path: Path) -> C:
     """The training config for fine-tuning from `parent_path`: its architecture and windows, and the
-    fine-tuning defaults for what was not given. `explicit`: keys set by a preset or an option; one that
-    contradicts the parent is refused (ConfigError, one line)."""
+    fine-tuning defaults for what no option gave. `explicit`: keys set by a preset or an option; one that
+    contradicts the parent is refused (ConfigError, one line). `options`: keys set on the command line."""
     bundle = load_bundle(parent_path)
     arch = _architecture(bundle)
     window = bundle.meta.window
@@ -117,7 +118,7 @@ def adapt_config(config: C, explicit: set[str], parent_path: Path) -> C:
             f"--init-from {parent_path}: the bundle has another architecture or window setup: "
             f"{'; '.join(clashes)}; drop those options or train from scratch"
         )
-    defaults = {key: value for key, value in FINETUNE_DEFAULTS.items() if key not in explicit}
+    defaults = {key: value for key, value in FINETUNE_DEFAULTS.items() if key not in options}
     return dataclasses.replace(config, **theirs, **defaults)  # type: ignore[type-var]
 
 

@@ -153,7 +153,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         type=Path,
         metavar="BUNDLE",
         help="fine-tune: start from this bundle's weights, architecture, windows and normalisation "
-        f"(threshold refitted); unless given, {tuned}; records training.parent_model_id",
+        f"(threshold refitted); unless given as options (a preset's do not count), {tuned}; records "
+        "training.parent_model_id",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     helps = field_help()
@@ -170,13 +171,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         )
     args = parser.parse_args(argv)
     values = load_preset(args.preset) if args.preset else {}
+    options = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     for f in dataclasses.fields(TrainConfig):
         option = getattr(args, f.name)
         if option is not None:
             values[f.name] = _coerce(f.name, option, f"--{f.name.replace('_', '-')}")
     config = TrainConfig(**values)
     if args.init_from is not None:
-        config = adapt_config(config, set(values), args.init_from)
+        config = adapt_config(config, set(values), options, args.init_from)
     problems = config.problems()
     if problems:
         raise ConfigError("invalid training settings: " + "; ".join(problems))
