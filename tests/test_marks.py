@@ -16,7 +16,7 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from anomalyd.config import ClipsConfig, MqttConfig, StorageConfig
+from anomalyd.config import ClipsConfig, MqttConfig, StorageConfig, parse_config
 from anomalyd.contract import Topics, load_schema
 from anomalyd.database import SCHEMA_VERSION, read_events
 from anomalyd.errors import CommandError
@@ -105,6 +105,16 @@ def test_events_mark_copies_the_clip_and_records_it_and_retention_keeps_the_even
     assert clip.exists()
     assert writer.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     writer.stop(1.0)
+
+
+def test_normal_dir_defaults_to_normal_beside_the_database(tmp_path: Path) -> None:
+    stream = '[[streams]]\nname = "fan"\nbundle = "b"\n[streams.source]\ntype = "file"\npath = "x.wav"\n'
+    config = parse_config(
+        f'[storage]\ndatabase = "/var/lib/anomalyd/events.db"\n{stream}', "x.toml", tmp_path
+    )
+    assert config.storage.normal_folder == Path("/var/lib/anomalyd/normal")
+    config = parse_config(f'[storage]\nnormal_dir = "extra"\n{stream}', "x.toml", tmp_path)
+    assert config.storage.normal_folder == tmp_path / "extra"
 
 
 def test_normal_dir_comes_from_the_config(tmp_path: Path) -> None:
