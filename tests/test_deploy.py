@@ -150,9 +150,9 @@ def test_install_and_reload_under_another_user_switches_the_model(
     recording = write_recording(shared / "fan.wav", "bearing", 10.0)
     daemon = DaemonProcess(_config(shared, state, recording), uid=DAEMON_UID)
     try:
-        uid_line = next(line for line in Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines()
-                        if line.startswith("Uid:"))  # fmt: skip
-        daemon.wait_log("anomaly start")
+        daemon.wait_log("anomaly start")  # setpriv has long exec'd the daemon: same pid, other user
+        status = Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines()
+        uid_line = next(line for line in status if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(DAEMON_UID)] * 4, uid_line
         events = read_events(state / "events.db")
         assert events

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -27,6 +28,8 @@ from anomalyd.outbox import Outbox
 from anomalyd.records import AnomalyEvent, ClipJob, utc_now
 from anomalyd.store import StoreWriter, apply_retention
 from tests.conftest import ROOT
+from tests.mqtt_helpers import Broker, Subscriber, validate
+from tests.test_mqtt import Running, mqtt_config
 
 DAEMON_UID = 65534
 TOPICS = Topics("anomalyd", "edge1")
@@ -193,3 +196,26 @@ def test_mark_over_mqtt_is_done_by_the_store_writer_and_answered(tmp_path: Path)
     assert "belongs to stream fan, not pump" in other["refused"]
     marked = [r for r in read_events(tmp_path / "events.db") if r["marked_normal_at"]]
     assert [r["event_id"] for r in marked] == [WITH_CLIP]
+
+
+@pytest.mark.slow
+def test_mark_through_a_real_broker(tmp_path: Path, broker: Broker) -> None:
+    """A mark command published to Mosquitto reaches the writer and is answered on `marked`."""
+    running = Running(mqtt_config(tmp_path, broker))
+    watcher = Subscriber(broker, "anomalyd/edge1/fan/marked")
+    try:
+        running.wait_connected()
+        clips = tmp_path / "clips"
+        running.store.put(event(WITH_CLIP, "end", T0))
+        running.store.put(ClipJob(WITH_CLIP, "fan", T0, np.zeros(16_000, np.float32), 16_000, clips))
+        assert running.store.flush(10.0)
+        time.sleep(0.5)  # the subscription is made right after the connection
+        watcher.client.publish("anomalyd/edge1/fan/event/mark", WITH_CLIP[:8], qos=1)
+        answer = watcher.wait_for("/fan/marked", 1, timeout=10)[-1]
+    finally:
+        running.stop()
+        watcher.close()
+    validate(answer)
+    payload = json.loads(answer.payload)
+    assert (payload["marked"], payload["already"], payload["event_id"]) == (True, False, WITH_CLIP)
+    assert Path(payload["normal_clip"]).is_file()
