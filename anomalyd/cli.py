@@ -12,6 +12,7 @@ import math
 import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
 from anomalyd import __version__
 from anomalyd.bundle import load_bundle
@@ -140,9 +141,55 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    from anomalyd.eventlog import show_events  # noqa: PLC0415
+    from anomalyd.eventlog import mark_event, show_events  # noqa: PLC0415
 
+    if args.action == "mark":
+        return mark_event(args)
+    if args.event_id is not None:
+        raise AnomalydError(f"events: unexpected argument {args.event_id!r} (did you mean: events mark ID)")
     return show_events(args)
+
+
+def cmd_bundle_info(args: argparse.Namespace) -> int:
+    from anomalyd.bundleinfo import show_info  # noqa: PLC0415
+
+    return show_info(args.bundle, args.json)
+
+
+def cmd_bundle_install(args: argparse.Namespace) -> int:
+    from anomalyd.bundleinfo import install_bundle  # noqa: PLC0415
+
+    bundle = install_bundle(args.bundle, args.into)
+    print(f"installed {bundle.meta.model_id} in {bundle.path}; reload the daemon: systemctl reload anomalyd")
+    return 0
+
+
+def _add_bundle_commands(commands: Any) -> None:
+    group = commands.add_parser(
+        "bundle", help="describe or install model bundles", description="Describe or install model bundles."
+    )
+    actions = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    info = actions.add_parser(
+        "info",
+        help="print what a bundle is",
+        description="Load a bundle as the daemon would and print its model id, training data, features, "
+        "threshold, calibration and origin. Exit status 2 (one line) for a bad bundle.",
+    )
+    info.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle folder")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=cmd_bundle_info)
+    install = actions.add_parser(
+        "install",
+        help="copy a bundle into the service's model folder, atomically",
+        description="Copy BUNDLE to --into (e.g. /var/lib/anomalyd/models/NAME): built beside it, loaded "
+        "as the daemon loads it, made readable to the daemon's user (owned by the target folder's owner "
+        "when run as root), then swapped in with one rename. Then reload: systemctl reload anomalyd.",
+    )
+    install.add_argument("bundle", type=Path, metavar="BUNDLE", help="model bundle folder to install")
+    install.add_argument(
+        "--into", type=Path, required=True, metavar="DIR/NAME", help="where the daemon's config names it"
+    )
+    install.set_defaults(func=cmd_bundle_install)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,9 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = commands.add_parser(
         "events",
-        help="show logged anomaly events",
-        description="Show anomaly events from the event log, oldest first.",
+        help="show logged anomaly events, or mark one a false alarm",
+        description="Show anomaly events from the event log, oldest first. `anomalyd events mark ID --normal "
+        "[--note TEXT]` marks event ID (or a unique prefix of 8+ digits) a false alarm: its clip is copied "
+        "into <storage.normal_dir>/<stream>/ (extra normal audio for retraining) and retention keeps it.",
     )
+    events.add_argument("action", nargs="?", choices=("mark",), help="mark: mark an event a false alarm")
+    events.add_argument("event_id", nargs="?", metavar="ID", help="the event to mark")
+    events.add_argument("--normal", action="store_true", help="with mark: the event was normal sound")
+    events.add_argument("--note", default="", help="with mark: why (kept in the event log)")
     where = events.add_mutually_exclusive_group()
     where.add_argument(
         "--config", type=Path, help=f"take the database from this config (default {DEFAULT_CONFIG})"
@@ -236,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--follow", action="store_true", help="keep printing new and changed events")
     events.add_argument("--format", choices=("table", "csv", "json"), default="table")
     events.set_defaults(func=cmd_events)
+    _add_bundle_commands(commands)
     return parser
 
 

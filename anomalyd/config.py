@@ -66,7 +66,16 @@ class StorageConfig(_Section):
         365.0, gt=0, le=36_500, description="events and status rows older than this go"
     )
     max_events: int = Field(100_000, gt=0, le=100_000_000, description="newest events kept; older ones go")
+    normal_dir: Path | None = Field(
+        None,
+        description="events marked as false alarms copy their clip into <normal_dir>/<stream>/, extra "
+        "normal audio for retraining; relative to the config file; empty = 'normal' beside the database",
+    )
     clips: ClipsConfig = ClipsConfig()
+
+    @property
+    def normal_folder(self) -> Path:
+        return self.normal_dir or self.database.parent / "normal"
 
 
 class InferenceConfig(_Section):
@@ -360,6 +369,7 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
     storage = config.storage.model_copy(
         update={
             "database": absolute(config.storage.database),
+            "normal_dir": absolute(config.storage.normal_dir) if config.storage.normal_dir else None,
             "clips": config.storage.clips.model_copy(
                 update={"directory": absolute(config.storage.clips.directory)}
             ),

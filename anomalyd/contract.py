@@ -10,6 +10,9 @@
                                                  decimal); 0 or "off" unmutes; anything else is refused
     <prefix>/<node>/<stream>/mute      retained  JSON: the mute state, acknowledging each command (also a
                                                  refused one) and each mute's expiry
+    <prefix>/<node>/<stream>/event/mark  command   an event id: that event was a false alarm (its clip
+                                                 joins the stream's normal audio)
+    <prefix>/<node>/<stream>/marked    QoS 1     JSON: the answer to each mark command (schemas/marked.json)
 
 Every JSON payload has a JSON Schema in anomalyd/schemas/; tests validate published messages against them.
 """
@@ -25,7 +28,7 @@ from typing import Any
 from anomalyd import __version__
 from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, iso
 
-SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status", "diagnostics")
+SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status", "diagnostics", "marked")
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -54,6 +57,18 @@ class Topics:
     @property
     def mute_commands(self) -> str:
         return f"{self.prefix}/{self.node}/+/mute/set"
+
+    @property
+    def mark_commands(self) -> str:
+        return f"{self.prefix}/{self.node}/+/event/mark"
+
+    def stream_of_mark(self, topic: str) -> str | None:
+        """The stream of an `event/mark` command topic; None for any other topic."""
+        parts = topic.split("/")
+        base = f"{self.prefix}/{self.node}".split("/")
+        if len(parts) != len(base) + 3 or parts[: len(base)] != base or parts[-2:] != ["event", "mark"]:
+            return None
+        return parts[len(base)]
 
     def stream_of_command(self, topic: str) -> str | None:
         parts = topic.split("/")
@@ -141,6 +156,26 @@ def mute_message(
 ) -> Message:
     payload = mute_payload(stream, until, at, reason, refused)
     return Message(topics.stream(stream, "mute"), payload, 1, True, "mute")
+
+
+def marked_message(
+    topics: Topics,
+    stream: str,
+    event_id: str,
+    at: dt.datetime,
+    *,
+    marked_at: str | None = None,
+    normal_clip: str | None = None,
+    already: bool = False,
+    refused: str = "",
+) -> Message:
+    """The answer to an `event/mark` command: marked (or marked before), or refused with the reason."""
+    payload = {
+        "stream": stream, "event_id": event_id, "marked": not refused, "already": already,
+        "marked_normal_at": marked_at, "normal_clip": normal_clip, "refused": refused or None, "at": iso(at),
+    }  # fmt: skip
+    # Dropped and kept like mute answers (a command's acknowledgement), never superseded.
+    return Message(topics.stream(stream, "marked"), json.dumps(payload), 1, False, "mute")
 
 
 def as_replayed(payload: str) -> str:

@@ -71,7 +71,15 @@ def _v3(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE mutes (stream TEXT PRIMARY KEY, until TEXT NOT NULL, set_at TEXT NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3]
+def _v4(db: sqlite_utils.Database) -> None:
+    """False alarms: when an event was marked normal, the note, and the copy of its clip among the
+    stream's normal audio (anomalyd/marks.py). Retention keeps marked events."""
+    db.execute("ALTER TABLE events ADD COLUMN marked_normal_at TEXT")
+    db.execute("ALTER TABLE events ADD COLUMN mark_note TEXT")
+    db.execute("ALTER TABLE events ADD COLUMN normal_clip_path TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -159,6 +167,7 @@ def checkpoint(conn: sqlite3.Connection, wal: Path) -> bool:
 EVENT_COLUMNS = (
     "event_id", "stream", "state", "started_at", "ended_at", "peak_score", "mean_score", "threshold",
     "windows_over", "windows", "end_reason", "model_id", "clip_path", "node", "updated_at",
+    "marked_normal_at", "mark_note",
 )  # fmt: skip
 
 

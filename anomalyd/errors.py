@@ -39,6 +39,10 @@ class CommandError(AnomalydError):
     """An MQTT command payload that is refused; the message is the short reason sent back."""
 
 
+class MarkError(AnomalydError):
+    """An event that cannot be marked a false alarm: unknown, still open, or without its clip."""
+
+
 class ScoreError(AnomalydError):
     """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""
 

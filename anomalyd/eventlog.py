@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from anomalyd.config import DEFAULT_CONFIG, load_config
-from anomalyd.errors import AnomalydError
+from anomalyd.database import open_database
+from anomalyd.errors import AnomalydError, MarkError
+from anomalyd.marks import give_to_folder_owner, mark_normal
 from anomalyd.records import utc_now
 from anomalyd.store import EVENT_COLUMNS, read_events
 
@@ -114,3 +116,37 @@ def show_events(args: argparse.Namespace) -> int:
             printer.rows(fresh, final=False)
     except KeyboardInterrupt:
         return 0
+
+
+def mark_event(args: argparse.Namespace) -> int:
+    """`events mark ID --normal`: done on the database directly (WAL lets it beside a running daemon).
+
+    The normal-audio folder is the config's `storage.normal_dir`, or `normal` beside the database.
+    Run as root, whatever it creates belongs to the database folder's owner (the daemon's user).
+    """
+    if not args.normal:
+        raise MarkError("events mark: say what the event was: --normal (a false alarm)")
+    if args.event_id is None:
+        raise MarkError("events mark: which event? give its id (see `anomalyd events`)")
+    if args.database is not None:
+        database, normal_dir = args.database, args.database.resolve().parent / "normal"
+    else:
+        storage = load_config(args.config or DEFAULT_CONFIG).storage
+        database, normal_dir = storage.database, storage.normal_folder
+    if not database.is_file():
+        raise MarkError(f"{database}: no event database (has the daemon run with this config?)")
+    db = open_database(database)
+    try:
+        give_to_folder_owner(database)
+        marked = mark_normal(
+            db.conn, args.event_id, normal_dir, utc_now(), note=args.note, owner_of=database.parent
+        )
+    finally:
+        db.close()
+    if marked.already:
+        print(f"event {marked.event_id} was already marked a false alarm ({marked.marked_at}); its clip: "
+              f"{marked.normal_clip}")  # fmt: skip
+    else:
+        print(f"event {marked.event_id} ({marked.stream}) marked a false alarm; its clip joins the normal "
+              f"audio: {marked.normal_clip}")  # fmt: skip
+    return 0

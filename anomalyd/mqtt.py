@@ -39,6 +39,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from anomalyd.config import MqttConfig
 from anomalyd.contract import Topics, as_replayed, discovery_messages
 from anomalyd.errors import CommandError, ConfigError
+from anomalyd.marks import MarkCommand, parse_mark_command
 from anomalyd.mutes import MuteCommand, parse_mute_command
 from anomalyd.outbox import Delivered, MemoryOutbox, Outbox, Pending
 from anomalyd.records import iso, utc_now
@@ -92,6 +93,16 @@ def mute_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> 
         return MuteCommand(stream, 0.0, at, str(exc))
 
 
+def mark_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> MarkCommand:
+    """The record for the store's writer from an `event/mark` message (refused ones say why)."""
+    if retain:
+        return MarkCommand(stream, "", at, RETAINED_REFUSAL)
+    try:
+        return MarkCommand(stream, parse_mark_command(payload), at)
+    except CommandError as exc:
+        return MarkCommand(stream, "", at, str(exc))
+
+
 class LinkState(Enum):
     DISCONNECTED = "disconnected"
     CONNECTING = "connecting"
@@ -113,7 +124,7 @@ class StoreSink(Protocol):
     @property
     def outbox(self) -> Outbox | None: ...
 
-    def put(self, item: Delivered | MuteCommand) -> None: ...
+    def put(self, item: Delivered | MuteCommand | MarkCommand) -> None: ...
 
 
 @dataclass
@@ -316,6 +327,10 @@ class Publisher:
             if message.payload == b"online":
                 self._resend_discovery = True
             return
+        marking = self.topics.stream_of_mark(topic)
+        if marking is not None:
+            self._on_mark(marking, message)
+            return
         stream = self.topics.stream_of_command(topic)
         if stream is None:
             self._ignored(f"a message on unexpected topic {shown(topic)}")
@@ -327,6 +342,18 @@ class Publisher:
         if command.refused and self._command_log.ready():
             logger.warning(
                 "MQTT: mute command %s for stream %s refused: %s%s",
+                shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
+            )  # fmt: skip
+        self._sink.put(command)
+
+    def _on_mark(self, stream: str, message: mqtt.MQTTMessage) -> None:
+        if stream not in self.streams:
+            self._ignored(f"a mark command for unknown stream {shown(stream)}")
+            return
+        command = mark_command(stream, bytes(message.payload), message.retain, utc_now())
+        if command.refused and self._command_log.ready():
+            logger.warning(
+                "MQTT: mark command %s for stream %s refused: %s%s",
                 shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
             )  # fmt: skip
         self._sink.put(command)
@@ -407,6 +434,7 @@ class Publisher:
         self._online = False
         self._early.clear()
         client.subscribe(self.topics.mute_commands, qos=1)
+        client.subscribe(self.topics.mark_commands, qos=1)
         if self.config.homeassistant.enabled:
             client.subscribe(f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}", qos=1)
             self._resend_discovery = True

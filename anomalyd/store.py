@@ -28,7 +28,7 @@ import sqlite_utils
 from anomalyd.backlog import Backlog, ClipRow, EventRow, MuteRow, Row, StatusRow, apply_rows
 from anomalyd.clipfiles import remove_partial_clips, save_clip
 from anomalyd.config import StorageConfig
-from anomalyd.contract import Message, event_message, mute_message, state_message
+from anomalyd.contract import Message, event_message, marked_message, mute_message, state_message
 from anomalyd.database import (
     EVENT_COLUMNS,
     SCHEMA_VERSION,
@@ -38,7 +38,8 @@ from anomalyd.database import (
     read_events,
     transaction,
 )
-from anomalyd.errors import StoreError
+from anomalyd.errors import MarkError, StoreError
+from anomalyd.marks import MarkCommand, mark_normal
 from anomalyd.mutes import MAX_MUTE_SECONDS, MuteCommand, Mutes, load_mutes, save_mute
 from anomalyd.outbox import Delivered, Outbox
 from anomalyd.records import AlarmState, AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
@@ -93,7 +94,9 @@ class StoreStatus:
         return dataclasses.asdict(self)
 
 
-Item = AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | MuteCommand
+Item = (
+    AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | MuteCommand | MarkCommand
+)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -338,6 +341,8 @@ class StoreWriter:
             rows = self._save_clip(item)
         elif isinstance(item, MuteCommand):
             rows, messages = self._mute(item, now)
+        elif isinstance(item, MarkCommand):
+            messages = self._mark(item, now)
         elif isinstance(item, AnomalyEvent):
             published = False
             if self.outbox is not None:
@@ -412,6 +417,43 @@ class StoreWriter:
             messages += lifted
             rows += [EventRow(event, True) for event in events]
         return rows, messages
+
+    def _mark(self, command: MarkCommand, now: dt.datetime) -> list[Message]:
+        """Mark an event a false alarm (its own transaction); returns the answer for the sender."""
+        refused = command.refused
+        marked = None
+        if not refused and self._failure:
+            refused = "the event log cannot be written now; try again later"
+        if not refused:
+            try:
+                marked = mark_normal(
+                    self._conn, command.event_id, self.config.normal_folder, now,
+                    stream=command.stream, owner_of=self.config.database.parent,
+                )  # fmt: skip
+            except MarkError as exc:
+                refused = str(exc)
+            except (OSError, sqlite3.Error) as exc:  # the disk: the sender may try again
+                refused = f"cannot mark now: {' '.join(describe(exc, self.config.database).split())}"
+        if refused:
+            logger.warning("stream %s: mark command for event %s refused: %s", command.stream,
+                           command.event_id, refused)  # fmt: skip
+        elif marked is not None and not marked.already:
+            logger.warning("stream %s: event %s marked a false alarm; its clip is now normal audio: %s",
+                           marked.stream, marked.event_id, marked.normal_clip)  # fmt: skip
+        if self.outbox is None:
+            return []
+        if marked is None:
+            return [
+                marked_message(
+                    self.outbox.topics, command.stream, command.event_id, now, refused=refused[:200]
+                )
+            ]
+        return [
+            marked_message(
+                self.outbox.topics, command.stream, marked.event_id, now, marked_at=marked.marked_at,
+                normal_clip=str(marked.normal_clip), already=marked.already,
+            )
+        ]  # fmt: skip
 
     def _expire_mutes(self, now: dt.datetime) -> None:
         outbox = self.outbox
@@ -501,12 +543,14 @@ class StoreWriter:
 
 
 def apply_retention(db: sqlite_utils.Database, config: StorageConfig, now: dt.datetime) -> int:
-    """Delete closed events older than retention_days or beyond the newest max_events, with their clips."""
+    """Delete closed events older than retention_days or beyond the newest max_events, with their clips.
+    Events marked as false alarms are kept (and do not count against max_events)."""
     cutoff = iso(now - dt.timedelta(days=config.retention_days))
     doomed = db.execute(
-        "SELECT event_id, clip_path FROM events WHERE state = 'closed' AND (started_at < ? OR "
+        "SELECT event_id, clip_path FROM events WHERE state = 'closed' AND marked_normal_at IS NULL "
+        "AND (started_at < ? OR "
         "event_id NOT IN "
-        "(SELECT event_id FROM events ORDER BY started_at DESC LIMIT ?))",
+        "(SELECT event_id FROM events WHERE marked_normal_at IS NULL ORDER BY started_at DESC LIMIT ?))",
         [cutoff, config.max_events],
     ).fetchall()
     with transaction(db.conn):

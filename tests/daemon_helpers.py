@@ -50,11 +50,14 @@ def write_config(path: Path, bundle: Path, streams: dict[str, dict[str, object]]
 class DaemonProcess:
     """`anomalyd run` in its own process, its log in a file that tests can wait on."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, env: dict[str, str] | None = None, uid: int | None = None) -> None:
+        """`uid`: run the daemon as this user and group id (with no supplementary groups), as systemd's
+        DynamicUser would."""
         self.log_path = config.with_suffix(".log")
         self._log = self.log_path.open("w")
+        user = [] if uid is None else ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "anomalyd", "run", "--config", str(config)],
+            [*user, sys.executable, "-m", "anomalyd", "run", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
         )  # fmt: skip
 

@@ -157,6 +157,6 @@ def validate(message: Received) -> None:
     leaf = message.topic.rsplit("/", 1)[1]
     if leaf in ("state", "status"):
         jsonschema.validate(message.payload, load_schema(leaf))
-    elif leaf in ("event", "score", "source", "mute"):
+    elif leaf in ("event", "score", "source", "mute", "marked"):
         jsonschema.validate(json.loads(message.payload), load_schema(leaf),
                             format_checker=jsonschema.FormatChecker())  # fmt: skip

@@ -36,6 +36,7 @@ from anomalyd.features import FeatureParams, LogMel
 from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
 from training.dataset import Clip, fingerprint, load_clips, make_filterbank, split_clips
 from training.export import ExportInputs, export_bundle
+from training.finetune import FINETUNE_DEFAULTS, adapt_config, load_parent
 from training.model import Architecture, ConvAutoencoder
 
 logger = logging.getLogger("training.train")
@@ -146,6 +147,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         "--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)"
     )
     parser.add_argument("--preset", type=Path, help="TOML file overriding the defaults")
+    tuned = ", ".join(f"{k.replace('_', '-')} {v:g}" for k, v in FINETUNE_DEFAULTS.items())
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="BUNDLE",
+        help="fine-tune: start from this bundle's weights, architecture, windows and normalisation "
+        f"(threshold refitted); unless given as options (a preset's do not count), {tuned}; records "
+        "training.parent_model_id",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     helps = field_help()
     defaults = TrainConfig()
@@ -161,11 +171,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         )
     args = parser.parse_args(argv)
     values = load_preset(args.preset) if args.preset else {}
+    options = {f.name for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
     for f in dataclasses.fields(TrainConfig):
         option = getattr(args, f.name)
         if option is not None:
             values[f.name] = _coerce(f.name, option, f"--{f.name.replace('_', '-')}")
     config = TrainConfig(**values)
+    if args.init_from is not None:
+        config = adapt_config(config, set(values), options, args.init_from)
     problems = config.problems()
     if problems:
         raise ConfigError("invalid training settings: " + "; ".join(problems))
@@ -258,6 +271,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
     min_samples = params.n_samples(config.n_frames)
 
+    parent = load_parent(args.init_from, params) if args.init_from is not None else None
     paths = list_audio_files(args.normal)
     clips, skipped = load_clips(paths, logmel, min_samples, config.channel)
     logger.info("%d files in %s: %d usable, %d skipped", len(paths), args.normal, len(clips), len(skipped))
@@ -270,7 +284,8 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
             len(val_clips),
         )
 
-    norm = Normalisation.fit([c.logmel for c in train_clips])
+    # Fine-tuning keeps the parent's normalisation: its weights learnt inputs scaled by it.
+    norm = parent.normalisation if parent else Normalisation.fit([c.logmel for c in train_clips])
     x_train = torch.from_numpy(windows_of(train_clips, config.n_frames, config.train_hop_frames, norm))[
         :, None
     ]
@@ -285,6 +300,8 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
 
     arch = Architecture(channels=config.channels, kernel_size=config.kernel_size)
     model = ConvAutoencoder(arch)
+    if parent is not None:
+        parent.load_weights(model)
     result = fit(model, x_train, x_val, config, args.quiet)
     logger.info(
         "stopped after %d epochs; best validation loss %.5f at epoch %d",
@@ -305,6 +322,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         "best_val_loss": result.best_val_loss,
         "train_windows": len(x_train),
         "seconds": round(time.monotonic() - started, 1),
+        **(parent.info() if parent is not None else {}),
     }
     bundle = export_bundle(
         ExportInputs(

@@ -1,0 +1,289 @@
+"""`anomalyd bundle info` and `anomalyd bundle install`: what a bundle is, and putting one in service.
+
+`info` loads the bundle exactly as the daemon does (every check of `anomalyd.bundle`), then describes it
+from model.json. Fields that other tools add later (`training.audio`, `threshold.calibration`,
+`training.parent_model_id`) are free-form here and read tolerantly: shown when present and well formed,
+never a reason to refuse an otherwise good bundle.
+
+`install` copies a bundle into the service's model folder so that a daemon running as another user
+(systemd DynamicUser: the state directory belongs to the dynamic user, mode 0750) can read it, and so
+that a reload never sees half a bundle: the copy is built in a hidden sibling, loaded as the daemon
+would load it (ONNX Runtime session included), made world-readable, given to the owner of the target
+folder when run as root, and only then swapped in with one atomic rename (renameat2 RENAME_EXCHANGE
+where the kernel has it, else two renames); the old bundle is removed last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from anomalyd.bundle import META_FILE, Bundle, load_bundle, make_world_readable
+from anomalyd.errors import BundleError
+from anomalyd.inference import open_autoencoder
+
+logger = logging.getLogger(__name__)
+
+NOT_CALIBRATED = "not calibrated (k = 3 default)"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+# ---- info -------------------------------------------------------------------------------------------
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _files(training: dict[str, Any], key: str) -> int:
+    value = training.get(key)
+    return len(value) if isinstance(value, list) else 0
+
+
+def describe(bundle: Bundle) -> dict[str, Any]:
+    """The facts `bundle info` shows, as one JSON-able dict (also its --json output)."""
+    meta = bundle.meta
+    training = meta.training
+    config = _dict(training.get("config"))
+    audio = _dict(training.get("audio")) or None
+    t = meta.threshold
+    calibration = _dict(_raw_threshold(bundle.path).get("calibration")) or None
+    features = meta.features
+    window = meta.window
+    hop_s = features.hop_length / features.sample_rate
+    parent = training.get("parent_model_id")
+    return {
+        "path": str(bundle.path),
+        "model_id": meta.model_id,
+        "name": config.get("name") or meta.model_id.rsplit("-", 1)[0],
+        "created_at": meta.created_at,
+        "training": {
+            "files": _files(training, "train_files") + _files(training, "val_files"),
+            "train_files": _files(training, "train_files"),
+            "val_files": _files(training, "val_files"),
+            "skipped_files": _files(training, "skipped_files"),
+            "seconds": _number(audio.get("seconds")) if audio else None,
+            "fingerprint": training.get("fingerprint"),
+            "epochs_run": training.get("epochs_run"),
+            "training_seconds": _number(training.get("seconds")),
+            "audio": audio,
+        },
+        "features": {
+            "sample_rate": features.sample_rate,
+            "n_fft": features.n_fft,
+            "hop_length": features.hop_length,
+            "n_mels": features.n_mels,
+            "frames_per_second": round(1 / hop_s, 3),
+        },
+        "window": {
+            "n_frames": window.n_frames,
+            "hop_frames": window.hop_frames,
+            "pool_frames": window.pool_frames,
+            "seconds": round(window.n_frames * hop_s, 3),
+            "hop_seconds": round(window.hop_frames * hop_s, 3),
+        },
+        "threshold": {
+            "value": t.value,
+            "k": t.k,
+            "mean": t.clip_scores.mean,
+            "std": t.clip_scores.std,
+            "n_clips": t.clip_scores.n,
+            "window_mean": t.window_scores.mean,
+            "window_std": t.window_scores.std,
+            "n_windows": t.window_scores.n,
+            "window_value": t.window_scores.threshold(t.k),
+        },
+        "calibration": calibration,
+        "parent_model_id": parent if isinstance(parent, str) else None,
+        "architecture": meta.architecture,
+        "versions": meta.versions,
+    }
+
+
+def _raw_threshold(directory: Path) -> dict[str, Any]:
+    """threshold.* as written (a calibrated bundle carries fields this version's schema may not expose)."""
+    try:
+        data = json.loads((directory / META_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return _dict(_dict(data).get("threshold"))
+
+
+def _counts(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    if isinstance(value, list):
+        return ", ".join(str(v) for v in value)
+    return str(value)
+
+
+_CALIBRATION_KEYS = ("k", "false_alarms_per_day", "calibrated_at", "events", "normal_seconds",
+                     "events_per_day", "events_per_day_upper95")  # fmt: skip
+
+
+def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
+    if cal is None:
+        return [f"calibration     {NOT_CALIBRATED}"]
+    c = {key: cal.get(key, "?") for key in _CALIBRATION_KEYS}
+    lines = [
+        f"calibration     k = {c['k']} for at most {c['false_alarms_per_day']} false alarm(s)/day, "
+        f"calibrated {c['calibrated_at']}",
+        f"                {c['events']} event(s) in {c['normal_seconds']} s of normal audio "
+        f"({c['events_per_day']}/day, upper 95 % {c['events_per_day_upper95']}/day)",
+    ]
+    anomaly = _dict(cal.get("anomaly"))
+    if anomaly:
+        a = {key: anomaly.get(key, "?") for key in ("detected", "files", "median_delay_seconds")}
+        lines.append(
+            f"                anomalies: {a['detected']} of {a['files']} detected, "
+            f"median delay {a['median_delay_seconds']} s"
+        )
+    return lines
+
+
+def format_info(info: dict[str, Any]) -> str:
+    """The human-readable `bundle info`, one fact per line."""
+    tr, th, f, w = info["training"], info["threshold"], info["features"], info["window"]
+    seconds = f"{tr['seconds']:.0f} s of audio, " if tr["seconds"] is not None else ""
+    lines = [
+        f"bundle          {info['path']}",
+        f"model id        {info['model_id']}",
+        f"name            {info['name']}",
+        f"created         {info['created_at']}",
+        f"training data   {tr['files']} file(s) ({tr['train_files']} train, {tr['val_files']} validation, "
+        f"{tr['skipped_files']} skipped), {seconds}fingerprint {tr['fingerprint']}",
+    ]
+    audio = tr["audio"]
+    if audio:
+        source = [f"rates {_counts(audio['sample_rates'])}" if "sample_rates" in audio else ""]
+        source.append(f"formats {_counts(audio['formats'])}" if "formats" in audio else "")
+        source.append(f"devices {_counts(audio['devices'])}" if audio.get("devices") else "")
+        source.append(
+            f"capture rates {_counts(audio['capture_rates'])}" if audio.get("capture_rates") else ""
+        )
+        source.append("LOSSY" if audio.get("lossy") else "")
+        source.append(f"recorded by {audio['recorded_by']}" if audio.get("recorded_by") else "")
+        lines.append(f"audio source    {'; '.join(s for s in source if s) or '(not recorded)'}")
+    if tr["epochs_run"] is not None:
+        took = f" in {tr['training_seconds']:.0f} s" if tr["training_seconds"] is not None else ""
+        lines.append(f"trained         {tr['epochs_run']} epoch(s){took}")
+    lines += [
+        f"features        {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']} "
+        f"({f['frames_per_second']} frames/s), {f['n_mels']} mel bands",
+        f"windows         {w['n_frames']} frames ({w['seconds']} s) every {w['hop_frames']} "
+        f"({w['hop_seconds']} s), residual pooled over {w['pool_frames']}",
+        f"threshold       clip {th['value']:.5f} = {th['mean']:.5f} + {th['k']:g} x {th['std']:.5f} "
+        f"({th['n_clips']} validation clips)",
+        f"                window {th['window_value']:.5f} = {th['window_mean']:.5f} + {th['k']:g} x "
+        f"{th['window_std']:.5f} ({th['n_windows']} validation windows; the daemon's rule)",
+        *_calibration_lines(info["calibration"]),
+        f"fine-tuned from {info['parent_model_id'] or '- (trained from scratch)'}",
+        "versions        " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+    ]
+    return "\n".join(lines)
+
+
+def show_info(path: Path, as_json: bool) -> int:
+    """Print what the bundle at `path` is; a bad bundle raises BundleError (the CLI: one line, exit 2)."""
+    info = describe(load_bundle(path))
+    print(json.dumps(info, indent=2) if as_json else format_info(info))
+    return 0
+
+
+# ---- install ----------------------------------------------------------------------------------------
+
+
+def _owner_of(folder: Path) -> tuple[int, int]:
+    st = folder.stat()
+    return st.st_uid, st.st_gid
+
+
+def _chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    os.chown(root, *owner, follow_symlinks=False)
+    for path in root.rglob("*"):
+        os.chown(path, *owner, follow_symlinks=False)
+
+
+def _make_parents(folder: Path) -> None:
+    """Create missing folders down to `folder` (0755), each owned like the nearest existing one when root:
+    a models folder created by root inside the daemon's state directory must stay the daemon's."""
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    owner = _owner_of(probe)
+    for created in reversed(missing):
+        created.mkdir(mode=0o755)
+        created.chmod(0o755)
+        if os.geteuid() == 0:
+            os.chown(created, *owner)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    errno = ctypes.get_errno()
+    if errno in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: a filesystem or kernel without it
+        return False
+    raise OSError(errno, os.strerror(errno), str(b))
+
+
+def install_bundle(source: Path, target: Path) -> Bundle:
+    """Copy the bundle `source` to `target` (replacing a bundle there), checked, readable, atomically.
+
+    Raises BundleError for a bad source, a target that exists and is not a bundle, or a failed copy.
+    """
+    load_bundle(source)  # refuse a bad bundle before touching anything
+    if target.exists() and not (target / META_FILE).is_file():
+        raise BundleError(f"{target}: exists and is not a model bundle; refusing to replace it")
+    staging = target.with_name(f".{target.name}.installing")
+    retired = target.with_name(f".{target.name}.old")
+    try:
+        _make_parents(target.parent)
+        for leftover in (staging, retired):
+            shutil.rmtree(leftover, ignore_errors=True)
+        shutil.copytree(source, staging, symlinks=False)
+        make_world_readable(staging)
+        if os.geteuid() == 0:  # root installs for the daemon's user: give it the files
+            _chown_tree(staging, _owner_of(target.parent))
+        bundle = load_bundle(staging)  # what the daemon will load, as it will load it
+        open_autoencoder(bundle)
+        if target.exists():
+            if _exchange(staging, target):
+                shutil.rmtree(staging)  # now holds the old bundle
+            else:
+                target.rename(retired)
+                staging.rename(target)
+                shutil.rmtree(retired)
+        else:
+            staging.rename(target)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise BundleError(f"{target}: cannot install the bundle ({exc.strerror or exc})") from exc
+    except BundleError:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    installed = load_bundle(target)
+    logger.info("installed %s as %s", installed.meta.model_id, target)
+    return installed
