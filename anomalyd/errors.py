@@ -41,3 +41,7 @@ class CommandError(AnomalydError):
 
 class ScoreError(AnomalydError):
     """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""
+
+
+class ControlError(AnomalydError):
+    """A control-channel request that is refused, or a control socket that cannot be set up or reached."""
