@@ -176,7 +176,7 @@ def test_a_peer_of_another_uid_is_refused() -> None:
 )
 def test_control_socket_key_is_validated(tmp_path: Path, value: str, message: str) -> None:
     text = f'[control]\nsocket = {value}\n[[streams]]\nname = "a"\nbundle = "b"\n[streams.source]\ntype = "mic"\ndevice = "x"\n'
-    with pytest.raises(ConfigError, match="control.socket") as info:
+    with pytest.raises(ConfigError, match=r"control\.socket") as info:
         parse_config(text, "t.toml", tmp_path)
     assert message in str(info.value)
 
