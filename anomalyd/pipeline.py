@@ -323,7 +323,7 @@ class Pipeline:
             return  # audio still queued for a stream that was just removed
         if isinstance(item, AudioBlock):
             out = runtime.feed(item)
-            if out.audio is not None and self.tap.wants(item.stream):
+            if out.audio is not None and len(out.audio) and self.tap.wants(item.stream):
                 self.tap.audio(item.stream, out.audio, item.rate, runtime.model.rate)
             self._pending += [(runtime, w) for w in out.windows]
             out.windows = []
