@@ -140,6 +140,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_record(args: argparse.Namespace) -> int:
+    from anomalyd.record import RecordOptions, record  # noqa: PLC0415
+
+    options = RecordOptions(args.stream, args.minutes * 60.0, args.out, args.segment_seconds)
+    return record(load_config(args.config), args.config, options)
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     from anomalyd.eventlog import mark_event, show_events  # noqa: PLC0415
 
@@ -268,6 +275,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     devices.set_defaults(func=cmd_devices)
 
+    rec = commands.add_parser(
+        "record",
+        help="record normal audio of a stream for training",
+        description="Record a configured stream in fixed-length 16-bit WAV segments at its model's rate, "
+        "with recording.json beside them. From the running daemon (over its control socket) while it "
+        "keeps monitoring; without one, the stream's source is opened here. Ctrl-C keeps every complete "
+        "segment (exit 130).",
+    )
+    rec.add_argument("--stream", required=True, help="name of a stream in the config")
+    rec.add_argument("--minutes", type=_minutes, required=True, help="how long to record (up to 1440)")
+    rec.add_argument("--out", type=Path, required=True, help="folder for the segments (created if needed)")
+    rec.add_argument(
+        "--segment-seconds", type=_segment, default=10, help="length of each segment, 1-3600 s (default 10)"
+    )
+    rec.add_argument(
+        "--config", type=Path, default=DEFAULT_CONFIG, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+    rec.set_defaults(func=cmd_record)
+
     events = commands.add_parser(
         "events",
         help="show logged anomaly events, or mark one a false alarm",
@@ -309,6 +335,17 @@ def _channel(text: str) -> int:
 
 def _k(text: str) -> float:
     return _number(text, float, 0, MAX_K, f"k must be a number in 0..{MAX_K:g}")
+
+
+def _minutes(text: str) -> float:
+    value = _number(text, float, 0, 1440, "minutes must be a number above 0, at most 1440 (a day)")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: minutes must be above 0")
+    return value
+
+
+def _segment(text: str) -> int:
+    return int(_number(text, int, 1, 3600, "segment seconds must be an integer in 1..3600"))
 
 
 def _threads(text: str) -> int:

@@ -249,6 +249,27 @@ class StreamConfig(_Section):
     detector: DetectorConfig = DetectorConfig()
 
 
+SOCKET_PATH_MAX = 107  # bytes: a Unix socket's path must fit sockaddr_un.sun_path (108 with its NUL)
+
+
+class ControlConfig(_Section):
+    socket: Path = Field(
+        Path("/run/anomalyd/control.sock"),
+        description="Unix socket of the local control channel (`anomalyd record`); relative to the config "
+        "file; its folder is the service's RuntimeDirectory",
+    )
+
+    @field_validator("socket")
+    @classmethod
+    def _socket_path(cls, path: Path) -> Path:
+        raw = str(path)
+        if not raw or raw == "." or "\x00" in raw:
+            raise ValueError("give the socket's file path, e.g. /run/anomalyd/control.sock")
+        if len(raw.encode()) > SOCKET_PATH_MAX:
+            raise ValueError(f"a Unix socket path holds at most {SOCKET_PATH_MAX} bytes")
+        return path
+
+
 class DaemonConfig(_Section):
     node: str = Field(
         "",
@@ -260,6 +281,7 @@ class DaemonConfig(_Section):
     inference: InferenceConfig = InferenceConfig()
     health: HealthConfig = HealthConfig()
     mqtt: MqttConfig = MqttConfig()
+    control: ControlConfig = ControlConfig()
     streams: list[StreamConfig] = Field(min_length=1, description="one entry per monitored machine")
 
     @field_validator("node")
@@ -392,13 +414,16 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
             ),
         }
     )
+    control = config.control.model_copy(update={"socket": absolute(config.control.socket)})
     streams = []
     for stream in config.streams:
         source = stream.source
         if isinstance(source, FileSource):
             source = source.model_copy(update={"path": absolute(source.path)})
         streams.append(stream.model_copy(update={"bundle": absolute(stream.bundle), "source": source}))
-    return config.model_copy(update={"storage": storage, "streams": streams, "mqtt": mqtt})
+    return config.model_copy(
+        update={"storage": storage, "streams": streams, "mqtt": mqtt, "control": control}
+    )
 
 
 def parse_config(text: str, source: str, base: Path) -> DaemonConfig:

@@ -49,3 +49,7 @@ class ScoreError(AnomalydError):
 
 class CalibrationError(AnomalydError):
     """A calibration that cannot be done as asked: a bad budget, too little or no usable audio."""
+
+
+class ControlError(AnomalydError):
+    """A control-channel request that is refused, or a control socket that cannot be set up or reached."""

@@ -36,10 +36,11 @@ from anomalyd.records import (
     utc_now,
 )
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
-from anomalyd.sources.file import FileReplay
-from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
+from anomalyd.sources.make import make_source
+from anomalyd.sources.mic import DeviceCapture, MicIO, PortAudioHost
 from anomalyd.stream import Model, Output, StreamRuntime
 from anomalyd.streaming import Window
+from anomalyd.tap import AudioTap, StreamSource
 from anomalyd.windows import window_errors
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class Pipeline:
         self.windows_scored = 0
         self.blocks_dropped = 0  # capture blocks lost because the worker could not keep up
         self.blocks_discarded = 0  # queued audio given up at shutdown
+        self.tap = AudioTap()  # copies of streams' audio at the model rate for `anomalyd record`
 
     # ---- building ----------------------------------------------------------------------------------
 
@@ -122,20 +124,10 @@ class Pipeline:
         return StreamRuntime(stream, model, config.node_id, config.health, config.storage.clips)
 
     def _make_source(self, key: str, members: tuple[StreamConfig, ...], config: DaemonConfig) -> Source:
-        first = members[0].source
-        if isinstance(first, FileSource):
-            return FileReplay(members[0].name, first, config.health, self.put_blocking)
-        assert isinstance(first, MicSource)
-        return DeviceCapture(
-            spec=first.device,
-            sample_rate=first.sample_rate,
-            block_seconds=first.block_seconds,
-            members=[Member(s.name, s.source.channel) for s in members],
-            health=config.health,
-            sink=self.put_nowait,
-            host=self._host,
-            io=self._mic_io,
-        )
+        return make_source(
+            members, config.health, capture_sink=self.put_nowait, replay_sink=self.put_blocking,
+            host=self._host, io=self._mic_io,
+        )  # fmt: skip
 
     @staticmethod
     def _group(config: DaemonConfig) -> dict[str, tuple[StreamConfig, ...]]:
@@ -255,6 +247,17 @@ class Pipeline:
     def streams(self) -> list[StreamRuntime]:
         return list(self._runtimes.values())
 
+    def describe(self, name: str) -> StreamSource | None:
+        """What a recording client is told about a stream (None: no such stream). Any thread."""
+        runtime = self._runtimes.get(name)
+        source = self._sources.get(source_key(runtime.config)) if runtime is not None else None
+        if runtime is None or source is None:
+            return None
+        if isinstance(source, DeviceCapture):
+            return StreamSource(name, runtime.model.rate, source.device_name, source.capture_rate)
+        assert isinstance(runtime.config.source, FileSource)
+        return StreamSource(name, runtime.model.rate, str(runtime.config.source.path), None)
+
     def all_ended(self) -> bool:
         """Whether every stream's source has reached its end (only replayed files do)."""
         runtimes = self.streams()
@@ -310,6 +313,8 @@ class Pipeline:
                 runtime = self._runtimes.pop(name, None)
                 if runtime is not None:
                     self._emit(runtime.finish(reason="reconfigured"))
+                if name not in {r.name for r in item.add}:
+                    self.tap.end(name, "a reload removed the stream")
             for runtime in item.add:
                 self._runtimes[runtime.name] = runtime
             self._restate(self._runtimes.values())
@@ -320,6 +325,8 @@ class Pipeline:
             return  # audio still queued for a stream that was just removed
         if isinstance(item, AudioBlock):
             out = runtime.feed(item)
+            if out.audio is not None and len(out.audio) and self.tap.wants(item.stream):
+                self.tap.audio(item.stream, out.audio, item.rate, runtime.model.rate)
             self._pending += [(runtime, w) for w in out.windows]
             out.windows = []
             self._emit(out)
@@ -328,6 +335,8 @@ class Pipeline:
                 self._pending += [(runtime, w) for w in runtime.drain()]
                 self._score_pending()
             self._emit(runtime.notice(item))
+            if self.tap.wants(item.stream):
+                self.tap.notice(item.stream, item.state, item.detail)
 
     def _restate(self, runtimes: Iterable[StreamRuntime]) -> None:
         """Every stream's alarm state and known source health, again: subscribers that missed a change

@@ -25,7 +25,8 @@ from types import FrameType
 
 from anomalyd.config import DaemonConfig, config_warnings, load_config
 from anomalyd.contract import Topics
-from anomalyd.errors import AnomalydError
+from anomalyd.control import ControlServer
+from anomalyd.errors import AnomalydError, ControlError
 from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
@@ -33,6 +34,7 @@ from anomalyd.records import utc_now
 from anomalyd.sources.mic import MicIO
 from anomalyd.status import LagWatch, Snapshot, diagnostics_payload, stamped, summary, take_snapshot
 from anomalyd.store import Mutes, Outbox, StoreWriter
+from anomalyd.tap import RecordOp
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ class Daemon:
             "anomalyd running on node %s: %d stream(s), events in %s",
             config.node_id, len(config.streams), config.storage.database,
         )  # fmt: skip
+        control = self._start_control(config, pipeline)
         self._notifier.ready(self._summary(pipeline))
         try:
             self._serve(pipeline, store)
@@ -148,6 +151,8 @@ class Daemon:
             self._fatal = self._fatal or "main"
         self._notifier.stopping()
         started = time.monotonic()
+        if control is not None:
+            control.stop(0.5)
         stopped = pipeline.stop(STOP_TIMEOUT_S * 0.5)
         if publisher is not None:
             store.flush(0.5)  # the closing events reach the outbox, and get a moment to go out
@@ -162,6 +167,20 @@ class Daemon:
             logging.shutdown()
             os._exit(status)
         return status
+
+    @staticmethod
+    def _start_control(config: DaemonConfig, pipeline: Pipeline) -> ControlServer | None:
+        """The local control channel; without it the daemon monitors all the same."""
+        record = RecordOp(pipeline.tap, pipeline.describe, lambda: [r.name for r in pipeline.streams()])
+        server = ControlServer(config.control.socket, {"record": record})
+        try:
+            server.start()
+        except ControlError as exc:
+            logger.warning("control channel off (monitoring goes on; `anomalyd record` cannot reach "
+                           "this daemon): %s", exc)  # fmt: skip
+            return None
+        logger.info("control channel on %s", config.control.socket)
+        return server
 
     @staticmethod
     def _make_publisher(config: DaemonConfig, store: StoreWriter) -> Publisher | None:
@@ -268,4 +287,6 @@ def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
         fixed.append("node")
     if old.mqtt != new.mqtt:
         fixed.append("[mqtt]")
+    if old.control != new.control:
+        fixed.append("[control]")
     return fixed

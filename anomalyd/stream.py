@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from anomalyd.bundle import Bundle, load_bundle
 from anomalyd.clips import ClipRecorder
@@ -56,6 +57,7 @@ class Output:
     events: list[AnomalyEvent] = field(default_factory=list)
     statuses: list[SourceStatus] = field(default_factory=list)
     clips: list[ClipJob] = field(default_factory=list)
+    audio: npt.NDArray[np.float32] | None = None  # the block at the model rate, as windowed (for recording)
 
     def extend(self, other: Output) -> None:
         self.windows += other.windows
@@ -139,6 +141,7 @@ class StreamRuntime:
             self._anchor = (first + len(samples), utc_now())
             self._reanchor = False
         out.windows = self.windows.push(samples)
+        out.audio = samples
         if self.clips is not None:
             self._add_clip(out, self.clips.push(first, samples))
         return out

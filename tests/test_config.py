@@ -50,7 +50,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("nodee = 'a'\n" + MINIMAL, "x.toml: nodee: unknown key; allowed here: health, inference, log_level, mqtt, node"),
+        ("nodee = 'a'\n" + MINIMAL, "x.toml: nodee: unknown key; allowed here: control, health, inference, log_level, mqtt, node"),
         (MINIMAL + "chanel = 1\n", "streams[0].source.chanel: unknown key; allowed here: block_seconds, channel"),
         (MINIMAL.replace('"file"', '"speaker"'), "streams[0].source = {'type': 'speaker'"),
         (MINIMAL + "[streams.detector]\nn = 6\n", "streams[0].detector = {'n': 6}: n (6) must not exceed m (5)"),

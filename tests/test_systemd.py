@@ -60,6 +60,8 @@ def test_unit_has_the_lifecycle_the_daemon_implements() -> None:
     assert settings["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert settings["DynamicUser"] == "yes"
     assert settings["StateDirectory"] == "anomalyd"
+    assert settings["RuntimeDirectory"] == "anomalyd"  # the control socket's folder
+    assert settings["RuntimeDirectoryMode"] == "0750"
     assert settings["SupplementaryGroups"] == "audio"
     assert settings["DeviceAllow"] == "char-alsa rw"
     assert settings["ProtectSystem"] == "strict"

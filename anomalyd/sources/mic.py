@@ -167,6 +167,7 @@ class DeviceCapture:
         self._thread = threading.Thread(target=self._run, name=f"mic-{spec}", daemon=True)
         self._last_audio = 0.0
         self._rate = 0
+        self.device_name = str(spec)  # the device's full name once opened
         self.overflows = 0
         self.opened = 0  # how many times the device was opened: 1 + recoveries
 
@@ -180,6 +181,11 @@ class DeviceCapture:
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+
+    @property
+    def capture_rate(self) -> int | None:
+        """Hz, the rate the device was opened at; None before it first opened."""
+        return self._rate or None
 
     def _notify(self, state: SourceState, detail: str) -> None:
         for member in self.members:
@@ -204,6 +210,7 @@ class DeviceCapture:
                     f"{channels - 1}"
                 )
             self._rate = self.sample_rate or device.default_rate
+            self.device_name = device.name
             stream = self._io.stream_factory(
                 device=device.index,
                 channels=channels,

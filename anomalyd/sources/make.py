@@ -1,0 +1,39 @@
+"""One place that turns a stream's configured source into the object that captures it: the daemon and
+`anomalyd record` (without a daemon) open sources with the same classes and settings."""
+
+from __future__ import annotations
+
+from anomalyd.config import FileSource, HealthConfig, MicSource, StreamConfig
+from anomalyd.sources.base import Sink
+from anomalyd.sources.file import FileReplay
+from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
+
+
+def make_source(
+    members: tuple[StreamConfig, ...],
+    health: HealthConfig,
+    *,
+    capture_sink: Sink,
+    replay_sink: Sink,
+    host: PortAudioHost,
+    io: MicIO,
+) -> FileReplay | DeviceCapture:
+    """The source of `members` (streams that share one device, or one replayed file's stream).
+
+    Capture callbacks get `capture_sink`, which must never block; file replay gets `replay_sink`, which
+    may wait (so that replay as fast as possible loses nothing).
+    """
+    first = members[0].source
+    if isinstance(first, FileSource):
+        return FileReplay(members[0].name, first, health, replay_sink)
+    assert isinstance(first, MicSource)
+    return DeviceCapture(
+        spec=first.device,
+        sample_rate=first.sample_rate,
+        block_seconds=first.block_seconds,
+        members=[Member(s.name, s.source.channel) for s in members],
+        health=health,
+        sink=capture_sink,
+        host=host,
+        io=io,
+    )
