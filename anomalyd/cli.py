@@ -15,11 +15,13 @@ import traceback
 from pathlib import Path
 
 from anomalyd import __version__
+from anomalyd.audio import describe_audio, supported_names
 from anomalyd.bundle import load_bundle
 from anomalyd.bundle_schema import MAX_K
 from anomalyd.config import DEFAULT_CONFIG, config_warnings, load_config
 from anomalyd.errors import AnomalydError
 from anomalyd.inference import open_autoencoder
+from anomalyd.mismatch import MismatchWarnings
 from anomalyd.scoring import ClipScorer, is_anomalous
 
 logger = logging.getLogger("anomalyd")
@@ -29,6 +31,10 @@ EXIT_ANOMALY = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 MAX_THREADS = 64
+
+
+def warning(message: str) -> None:
+    print(f"anomalyd: warning: {message}", file=sys.stderr, flush=True)
 
 
 def error(message: str) -> None:
@@ -45,8 +51,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.k is not None:
         threshold = dataclasses.replace(threshold, k=args.k)
     status = EXIT_NORMAL
+    mismatch = MismatchWarnings(bundle.meta.training_audio)
     for path in args.files:
         try:
+            for line in mismatch.check(describe_audio(path, args.channel)):
+                warning(line)
             score = scorer.score_file(path, channel=args.channel).score
         except AnomalydError as exc:
             error(str(exc))
@@ -72,8 +81,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     for path in sorted({s.bundle for s in config.streams}):
         open_autoencoder(load_bundle(path), config.inference.threads)
-    for warning in config_warnings(config):
-        print(f"anomalyd: warning: {warning}", file=sys.stderr)
+    for line in config_warnings(config):
+        warning(line)
     print(f"{args.file}: ok ({len(config.streams)} stream(s), events in {config.storage.database})")
     return 0
 
@@ -118,7 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     score.add_argument("--k", type=_k, help="override the bundle's k in threshold = mean + k * std (0..100)")
     score.add_argument("--threads", type=_threads, default=1, help="ONNX Runtime threads (default 1)")
-    score.add_argument("files", type=Path, nargs="+", metavar="FILE", help="WAV or FLAC files")
+    score.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help=f"audio files ({supported_names()}); a lossy file, or one at a rate the model's training "
+        "audio did not have, is scored with one warning per run",
+    )
     score.set_defaults(func=cmd_score)
 
     run = commands.add_parser(

@@ -41,3 +41,7 @@ class CommandError(AnomalydError):
 
 class ScoreError(AnomalydError):
     """A window score that is not a finite number: there is no verdict to give, never a "normal" one."""
+
+
+class TrainingDataError(AnomalydError):
+    """Normal audio that cannot make a model: too little of it to train on and to validate with."""
