@@ -69,7 +69,7 @@ class TrainConfig:
     # run
     seed: int = 0  # seeds the split, the initial weights and the batch order
     threads: int = 2  # torch CPU threads
-    name: str = ""  # model name, the first part of the model id; default: the --normal folder's name
+    name: str = ""  # model name, the first part of the model id; default: the first --normal folder's name
 
     def problems(self) -> list[str]:
         found = []
@@ -158,6 +158,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         type=Path,
         required=True,
         action="append",
+        metavar="DIR",
         help=f"folder of normal recordings ({supported_names()}; any length, e.g. one long recording, "
         "short clips, or both); may be given more than once, e.g. recordings plus false-alarm clips",
     )
