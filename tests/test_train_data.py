@@ -174,7 +174,7 @@ def test_too_little_audio_in_one_recording_is_a_clear_error(
     _write(tmp_path / "normal" / "short-take.wav", _clip(0, 15.0), subtype="PCM_16")
     status = train.main(["--normal", str(tmp_path / "normal"), "--out", str(tmp_path / "b"), *QUICK])
     assert status == 2
-    assert "too little normal audio: 15.0 s in 1 usable files makes 2 blocks; training needs 3" in caplog.text
+    assert "too little normal audio: 15.0 s in 1 usable file makes 2 blocks; training needs 3" in caplog.text
     assert "at least 22.1 s in one recording" in caplog.text
     assert not (tmp_path / "b").exists()
 

@@ -72,7 +72,8 @@ def cut(recording: int, n_frames: int, size: int, gap: int, min_frames: int) -> 
 def too_little(total_seconds: float, n_files: int, n_blocks: int, block_seconds: float, window: float) -> str:
     one_file = (MIN_TRAIN_BLOCKS + MIN_VAL_BLOCKS - 1) * block_seconds + window
     return (
-        f"too little normal audio: {total_seconds:.1f} s in {n_files} usable files makes {n_blocks} blocks; "
+        f"too little normal audio: {total_seconds:.1f} s in {n_files} usable "
+        f"file{'' if n_files == 1 else 's'} makes {n_blocks} block{'' if n_blocks == 1 else 's'}; "
         f"training needs {MIN_TRAIN_BLOCKS + MIN_VAL_BLOCKS} ({MIN_TRAIN_BLOCKS} to train on, "
         f"{MIN_VAL_BLOCKS} to validate and set the threshold): at least {one_file:.1f} s in one recording, "
         f"or {MIN_TRAIN_BLOCKS + MIN_VAL_BLOCKS} files of {window:.2f} s or more"
