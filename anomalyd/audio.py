@@ -1,7 +1,8 @@
 """Audio in: the one loader used by training, evaluation, `anomalyd score` and file replay.
 
-Whatever the file holds (int16/24/32 or float WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, any supported rate, any
-channel count), callers get float32 mono samples at the rate they ask for. Files that cannot be trusted
+Whatever the file holds (int16/24/32 or float WAV, WAVE_FORMAT_EXTENSIBLE, FLAC, Ogg Vorbis/Opus, MP3 where
+libsndfile decodes it: `SUPPORTED_FORMATS`; any supported rate, any channel count), callers get float32 mono
+samples at the rate they ask for. Files that cannot be trusted
 (missing, empty, truncated, not audio, a sample rate outside the supported range, NaN/inf or absurd sample
 values) raise `AudioError` with one line naming the file.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,34 @@ import soxr
 
 from anomalyd.errors import AudioError
 
+
+@dataclass(frozen=True)
+class AudioFormat:
+    """A container anomalyd accepts: libsndfile's name for it, the file name suffixes, and whether its
+    usual codecs are lossy (they change the spectrum the model learns and scores)."""
+
+    name: str  # as `soundfile.info(...).format` reports it
+    suffixes: tuple[str, ...]  # lower case, with the dot
+    lossy: bool
+
+
+# What libsndfile decodes that anomalyd accepts. MP3 needs libsndfile >= 1.1 (built with mpg123): it is
+# listed only where this libsndfile has it. Other formats libsndfile knows (AIFF, CAF, ...) are refused by
+# training's folder listing, so that a folder's content never depends on the library build.
+_FORMATS = (
+    AudioFormat("WAV", (".wav",), lossy=False),
+    AudioFormat("FLAC", (".flac",), lossy=False),
+    AudioFormat("OGG", (".ogg", ".oga", ".opus"), lossy=True),  # Vorbis or Opus
+    AudioFormat("MP3", (".mp3",), lossy=True),
+)
+SUPPORTED_FORMATS = tuple(f for f in _FORMATS if f.name in sf.available_formats())
 # Extensions the loader is asked to handle; libsndfile decides the real format from the header.
-AUDIO_SUFFIXES = (".wav", ".flac")
+AUDIO_SUFFIXES = tuple(s for f in SUPPORTED_FORMATS for s in f.suffixes)
+# Codecs (libsndfile subtypes) that throw information away, whatever the container says.
+LOSSY_SUBTYPES = frozenset(
+    {"VORBIS", "OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III", "GSM610", "IMA_ADPCM",
+     "MS_ADPCM", "VOX_ADPCM", "G721_32", "G723_24", "G723_40", "ULAW", "ALAW"}
+)  # fmt: skip
 
 MIN_SAMPLE_RATE = 1_000  # Hz; a lower declared rate is a damaged header, refused before decoding
 MAX_SAMPLE_RATE = 384_000  # Hz; the highest rate of common audio interfaces
@@ -93,6 +121,40 @@ def check_readable(path: Path, channel: int = 0) -> sf._SoundFileInfo:
             f"{path}: channel {channel} requested, file has {info.channels} (0..{info.channels - 1})"
         )
     return info
+
+
+@dataclass(frozen=True)
+class AudioFileInfo:
+    """What a file's header says: enough to tell where audio came from and whether it was altered."""
+
+    path: Path
+    format: str  # libsndfile's container name: WAV, FLAC, OGG, MP3, ...
+    subtype: str  # libsndfile's codec name: PCM_16, FLOAT, VORBIS, MPEG_LAYER_III, ...
+    sample_rate: int  # Hz, the file's own
+    channels: int
+    frames: int  # per channel, as declared
+
+    @property
+    def lossy(self) -> bool:
+        return self.subtype in LOSSY_SUBTYPES
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate
+
+
+def describe_audio(path: str | Path, channel: int = 0) -> AudioFileInfo:
+    """The header of a file `check_readable` accepts; raises AudioError naming the file otherwise."""
+    path = Path(path)
+    info = check_readable(path, channel)
+    return AudioFileInfo(
+        path, str(info.format), str(info.subtype), int(info.samplerate), int(info.channels), int(info.frames)
+    )
+
+
+def supported_names() -> str:
+    """'WAV, FLAC, OGG, MP3': for messages."""
+    return ", ".join(f.name for f in SUPPORTED_FORMATS)
 
 
 def check_samples(samples: npt.NDArray[np.float32], source: str, offset: int = 0) -> None:
@@ -208,7 +270,15 @@ def load_audio(
 
 def list_audio_files(directory: str | Path) -> list[Path]:
     """Audio files (by suffix) directly inside `directory`, sorted by name for reproducible splits."""
+    return list_folder(directory)[0]
+
+
+def list_folder(directory: str | Path) -> tuple[list[Path], list[Path]]:
+    """(audio files of a supported format by suffix, other files) directly inside `directory`, each sorted
+    by name. Hidden files (a leading dot: partial writes, editor files) are neither."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AudioError(f"{directory}: not a directory")
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    audio = [p for p in files if p.suffix.lower() in AUDIO_SUFFIXES]
+    return audio, [p for p in files if p.suffix.lower() not in AUDIO_SUFFIXES]

@@ -96,6 +96,38 @@ class Threshold:
 
 
 @dataclass(frozen=True)
+class TrainingAudio:
+    """Where a model's training audio came from: model.json's `training.audio` (absent in older bundles)."""
+
+    files: int
+    seconds: float  # usable audio
+    formats: dict[str, int]  # libsndfile format name (WAV, FLAC, MP3, ...) -> files
+    sample_rates: dict[int, int]  # the files' own rate, Hz -> files
+    lossy: bool  # any file lossy-compressed
+    devices: tuple[str, ...] = ()  # capture devices, from recording manifests
+    capture_rates: tuple[int, ...] = ()  # their rates, Hz, from recording manifests
+    recorded_by: str | None = None
+
+    @property
+    def rates(self) -> frozenset[int]:
+        """Every rate the training audio was captured or stored at: audio at another rate was not heard."""
+        return frozenset(self.sample_rates) | frozenset(self.capture_rates)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingAudio:
+        return cls(
+            files=data["files"],
+            seconds=data["seconds"],
+            formats=dict(data["formats"]),
+            sample_rates={int(rate): n for rate, n in data["sample_rates"].items()},
+            lossy=data["lossy"],
+            devices=tuple(data.get("devices", ())),
+            capture_rates=tuple(data.get("capture_rates", ())),
+            recorded_by=data.get("recorded_by"),
+        )
+
+
+@dataclass(frozen=True)
 class BundleMeta:
     """The content of model.json. Fields after `files` describe the model; scoring does not need them."""
 
@@ -110,6 +142,12 @@ class BundleMeta:
     training: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def training_audio(self) -> TrainingAudio | None:
+        """`training.audio`, or None for a bundle from before it was recorded."""
+        audio = self.training.get("audio")
+        return TrainingAudio.from_dict(audio) if isinstance(audio, dict) else None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,7 +248,7 @@ def _meta_from_doc(doc: MetaDoc) -> BundleMeta:
         ),
         files=dict(doc.files),
         architecture=dict(doc.architecture),
-        training=dict(doc.training),
+        training=doc.training.model_dump(exclude_unset=True),
         export=dict(doc.export),
         versions=dict(doc.versions),
     )

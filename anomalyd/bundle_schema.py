@@ -177,6 +177,41 @@ class ThresholdDoc(_Doc):
         return self
 
 
+def _sample_rate_key(key: str) -> str:
+    if not (key.isdigit() and MIN_SAMPLE_RATE <= int(key) <= MAX_SAMPLE_RATE):
+        raise ValueError(f"allowed: a sample rate in Hz, {MIN_SAMPLE_RATE} to {MAX_SAMPLE_RATE}, as digits")
+    return key
+
+
+SampleRate = Annotated[int, Field(ge=MIN_SAMPLE_RATE, le=MAX_SAMPLE_RATE, description="Hz")]
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
+class TrainingAudioDoc(_Doc):
+    """`training.audio`: where the training audio came from (written by training, read by scoring)."""
+
+    files: Count
+    seconds: float = Field(ge=0, le=1e9, description="usable audio, at the model rate")
+    formats: dict[ShortText, Count] = Field(max_length=32, description="libsndfile format name -> files")
+    sample_rates: dict[Annotated[str, AfterValidator(_sample_rate_key)], Count] = Field(
+        max_length=64, description="the files' own rate (Hz, as text) -> files"
+    )
+    lossy: bool
+    devices: list[Annotated[str, Field(min_length=1, max_length=256, pattern=PRINTABLE)]] = Field(
+        [], max_length=64, description="capture devices named by the folders' recording manifests"
+    )
+    capture_rates: list[SampleRate] = Field([], max_length=64, description="the devices' rates, Hz")
+    recorded_by: Annotated[str, Field(max_length=64, pattern=PRINTABLE)] | None = None
+
+
+class TrainingDoc(_Doc):
+    """`training`: descriptive and free-form, but for the parts scoring reads, which are checked."""
+
+    model_config = ConfigDict(extra="allow")
+
+    audio: TrainingAudioDoc | None = None
+
+
 class MetaDoc(_Doc):
     format: Literal["anomalyd-bundle"]
     format_version: Literal[1]
@@ -187,9 +222,9 @@ class MetaDoc(_Doc):
     normalisation: NormalisationDoc
     threshold: ThresholdDoc
     files: dict[FileName, Sha256] = Field(max_length=MAX_FILES, description="file name -> SHA-256")
-    # Descriptive only: nothing in scoring reads them.
+    # Descriptive only: nothing in scoring reads them (but training.audio, for a warning).
     architecture: dict[str, Any] = {}
-    training: dict[str, Any] = {}
+    training: TrainingDoc = TrainingDoc()
     export: dict[str, Any] = {}
     versions: dict[str, Annotated[str, Field(max_length=256)]] = Field({}, max_length=64)
 

@@ -52,6 +52,17 @@ def _files(training: dict[str, Any], key: str) -> int:
     return len(value) if isinstance(value, list) else 0
 
 
+def _file_counts(training: dict[str, Any]) -> tuple[int, int, int]:
+    """(files, files with training audio, files with validation audio). Bundles split by time list each
+    file once with the role of each of its blocks ("TTV"); older ones kept two lists."""
+    entries = training.get("files")
+    if isinstance(entries, list):
+        roles = [str(e.get("blocks", "")) for e in entries if isinstance(e, dict)]
+        return len(roles), sum("T" in r for r in roles), sum("V" in r for r in roles)
+    train, val = _files(training, "train_files"), _files(training, "val_files")
+    return train + val, train, val
+
+
 def describe(bundle: Bundle) -> dict[str, Any]:
     """The facts `bundle info` shows, as one JSON-able dict (also its --json output)."""
     meta = bundle.meta
@@ -64,15 +75,16 @@ def describe(bundle: Bundle) -> dict[str, Any]:
     window = meta.window
     hop_s = features.hop_length / features.sample_rate
     parent = training.get("parent_model_id")
+    n_files, n_train, n_val = _file_counts(training)
     return {
         "path": str(bundle.path),
         "model_id": meta.model_id,
         "name": config.get("name") or meta.model_id.rsplit("-", 1)[0],
         "created_at": meta.created_at,
         "training": {
-            "files": _files(training, "train_files") + _files(training, "val_files"),
-            "train_files": _files(training, "train_files"),
-            "val_files": _files(training, "val_files"),
+            "files": n_files,
+            "train_files": n_train,
+            "val_files": n_val,
             "skipped_files": _files(training, "skipped_files"),
             "seconds": _number(audio.get("seconds")) if audio else None,
             "fingerprint": training.get("fingerprint"),

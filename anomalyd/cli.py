@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from anomalyd import __version__
+from anomalyd.audio import describe_audio, supported_names
 from anomalyd.bundle import load_bundle
 from anomalyd.bundle_schema import MAX_K
 from anomalyd.config import DEFAULT_CONFIG, DetectorConfig, HealthConfig, config_warnings, load_config
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.inference import open_autoencoder
+from anomalyd.mismatch import MismatchWarnings
 from anomalyd.replay import Rule, describe_verdict, first_event_seconds
 from anomalyd.scoring import ClipScorer
 
@@ -30,6 +32,10 @@ EXIT_ANOMALY = 1
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 MAX_THREADS = 64
+
+
+def warning(message: str) -> None:
+    print(f"anomalyd: warning: {message}", file=sys.stderr, flush=True)
 
 
 def error(message: str) -> None:
@@ -46,8 +52,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     k = bundle.meta.threshold.k if args.k is None else args.k
     rule = Rule.for_k(bundle.meta.threshold, k, DetectorConfig(), HealthConfig().silence_dbfs)
     status = EXIT_NORMAL
+    mismatch = MismatchWarnings(bundle.meta.training_audio)
     for path in args.files:
         try:
+            for line in mismatch.check(describe_audio(path, args.channel)):
+                warning(line)
             scored = scorer.stream_file(path, channel=args.channel)
         except AnomalydError as exc:
             error(str(exc))
@@ -121,8 +130,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = load_config(args.file)
     for path in sorted({s.bundle for s in config.streams}):
         open_autoencoder(load_bundle(path), config.inference.threads)
-    for warning in config_warnings(config):
-        print(f"anomalyd: warning: {warning}", file=sys.stderr)
+    for line in config_warnings(config):
+        warning(line)
     print(f"{args.file}: ok ({len(config.streams)} stream(s), events in {config.storage.database})")
     return 0
 
@@ -224,7 +233,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--k", type=_k, help="override the bundle's k in window threshold = mean + k * std (0..100)"
     )
     score.add_argument("--threads", type=_threads, default=1, help="ONNX Runtime threads (default 1)")
-    score.add_argument("files", type=Path, nargs="+", metavar="FILE", help="WAV or FLAC files")
+    score.add_argument(
+        "files",
+        type=Path,
+        nargs="+",
+        metavar="FILE",
+        help=f"audio files ({supported_names()}); a lossy file, or one at a rate the model's training "
+        "audio did not have, is scored with one warning per run",
+    )
     score.set_defaults(func=cmd_score)
 
     calib = commands.add_parser(

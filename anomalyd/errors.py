@@ -53,3 +53,7 @@ class CalibrationError(AnomalydError):
 
 class ControlError(AnomalydError):
     """A control-channel request that is refused, or a control socket that cannot be set up or reached."""
+
+
+class TrainingDataError(AnomalydError):
+    """Normal audio that cannot make a model: too little of it to train on and to validate with."""

@@ -227,6 +227,35 @@ def nested(depth: int) -> Any:
         (lambda m: m.update(model_id="a\nb"), r"model_id = 'a\\nb': String should match pattern"),
         (lambda m: m.update(features=None), r"features = None: Input should be a valid dictionary"),
         (lambda m: m["training"].update(junk=nested(500)), None),  # descriptive fields may hold anything
+        (lambda m: m["training"].pop("audio"), None),  # bundles from before it was recorded
+        (
+            lambda m: m["training"]["audio"].update(seconds="long"),
+            r"training\.audio\.seconds = 'long': Input should be a valid number",
+        ),
+        (
+            lambda m: m["training"]["audio"]["sample_rates"].update({"fast": 2}),
+            r"training\.audio\.sample_rates\['fast'\] \(name\) = 'fast': allowed: a sample rate in Hz",
+        ),
+        (
+            lambda m: m["training"]["audio"].update(capture_rates=[10**9]),
+            r"training\.audio\.capture_rates\[0\] = 1000000000: Input should be less than or equal to 384000",
+        ),
+        (
+            lambda m: m["training"]["audio"].update(lossy="no"),
+            r"training\.audio\.lossy = 'no': Input should be a valid boolean",
+        ),
+        (
+            lambda m: m["training"]["audio"].update(devices=["mic\n"]),
+            r"training\.audio\.devices\[0\] = 'mic\\n': String should match pattern",
+        ),
+        (
+            lambda m: m["training"]["audio"].update(colour="red"),
+            r"training\.audio\.colour: unknown field; allowed here: capture_rates, devices",
+        ),
+        (
+            lambda m: m["training"].update(audio=[1]),
+            r"training\.audio = \[1\]: Input should be a valid dictionary",
+        ),
         (
             lambda m: m.update(format_version=True),
             r"bundle format version True, this anomalyd reads version 1",

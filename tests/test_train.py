@@ -37,26 +37,28 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     t = meta["threshold"]
     assert t["k"] == 3.0
     assert t["value"] == pytest.approx(t["mean"] + 3.0 * t["std"])
-    assert t["n_clips"] == len(meta["training"]["val_files"]) >= 2
+    # 4 s clips are shorter than a block: one block each, so the split is by file.
+    files = meta["training"]["files"]
+    assert all(f["blocks"] in ("T", "V") for f in files)
+    assert t["n_clips"] == meta["training"]["val_blocks"] == sum(f["blocks"] == "V" for f in files) >= 2
     assert meta["export"]["parity_max_abs_diff"] <= 1e-4
     assert set(meta["versions"]) >= {"anomalyd", "torch", "onnxruntime", "numpy", "librosa"}
     assert meta["created_at"].endswith("+00:00")
     assert meta["model_id"].startswith("normal-")
     for name, digest in meta["files"].items():
         assert sha256_file(bundle_dir / name) == digest
-    # The fingerprint covers exactly the training folder's files.
-    train_names = {f["name"] for f in meta["training"]["train_files"] + meta["training"]["val_files"]}
-    assert train_names == {p.name for p in list_audio_files(synth_train)}
-    assert not set(f["name"] for f in meta["training"]["train_files"]) & set(
-        f["name"] for f in meta["training"]["val_files"]
-    )
+    # The files listed are exactly the training folder's, with their length and content hash.
+    assert [f["name"] for f in files] == [p.name for p in list_audio_files(synth_train)]
+    for f in files:
+        assert f["seconds"] == 4.0
+        assert f["sha256"] == sha256_file(synth_train / f["name"])
 
 
 def test_threshold_is_reproduced_by_the_runtime(bundle_dir: Path, synth_train: Path) -> None:
     """Scoring the validation files again through anomalyd gives the stored mean and std."""
     bundle = load_bundle(bundle_dir)
     scorer = ClipScorer.from_bundle(bundle)
-    val = [synth_train / f["name"] for f in bundle.meta.training["val_files"]]
+    val = [synth_train / f["name"] for f in bundle.meta.training["files"] if f["blocks"] == "V"]
     scores = np.array([scorer.score_file(p).score for p in val])
     assert scores.mean() == pytest.approx(bundle.meta.threshold.clip_scores.mean, rel=1e-5)
     assert scores.std(ddof=1) == pytest.approx(bundle.meta.threshold.clip_scores.std, rel=1e-4)
@@ -124,7 +126,7 @@ def test_retraining_replaces_a_bundle_but_never_other_folders(synth_train: Path,
     assert (precious / "data.txt").read_text() == "keep me"
 
 
-def test_too_few_files_is_a_clear_error(
+def test_too_little_audio_is_a_clear_error(
     synth_train: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     folder = tmp_path / "two"
@@ -132,7 +134,9 @@ def test_too_few_files_is_a_clear_error(
     for p in list_audio_files(synth_train)[:2]:
         shutil.copy(p, folder)
     assert _quick_train(folder, tmp_path / "b") == 2
-    assert "need at least 3 usable files" in caplog.text
+    assert "too little normal audio: 8.0 s in 2 usable files makes 2 blocks; training needs 3" in caplog.text
+    assert "at least 22.1 s in one recording, or 3 files of 2.08 s or more" in caplog.text
+    assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize(

@@ -190,9 +190,9 @@ def check_outputs(outputs: dict[str, Path | None]) -> None:
 
 def training_overlap(bundle: Bundle, scores: list[FileScore]) -> list[str]:
     """Test files whose content the bundle was trained or validated on (by SHA-256 in model.json)."""
-    listed = {
+    listed = {  # "files" since training splits by time; the two older lists before
         entry.get("sha256"): entry.get("name")
-        for key in ("train_files", "val_files")
+        for key in ("files", "train_files", "val_files")
         for entry in bundle.meta.training.get(key, [])
         if isinstance(entry, dict)
     }

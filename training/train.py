@@ -1,11 +1,13 @@
 """Train a model bundle from recordings of one machine running normally.
 
-    python -m training.train --normal DIR --out BUNDLE_DIR [--preset configs/train-default.toml] [--seed 1]
+    python -m training.train --normal DIR [--normal DIR2 ...] --out BUNDLE_DIR [--preset FILE] [--seed 1]
 
-Reads top to bottom: load and fingerprint the audio (bad files are skipped and counted), split by file,
-fit the normalisation on the training files, train the autoencoder with early stopping on validation loss,
-then export the bundle, whose threshold is mean + k * std of the validation clips' scores as the exported
-ONNX model computes them. The defaults below can be overridden by a TOML preset, then by options.
+Reads top to bottom: list the folders (files of other formats are named and counted) and turn every file,
+of any length, into log-mel frames as a stream (bad files are skipped and counted); cut the frames into
+blocks of time and give whole blocks to training or validation; fit the normalisation on the training
+blocks, train the autoencoder with early stopping on validation loss, then export the bundle, whose
+threshold is mean + k * std of the validation blocks' scores as the exported ONNX model computes them. The
+defaults below can be overridden by a TOML preset, then by options.
 """
 
 from __future__ import annotations
@@ -25,19 +27,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import torch
 from tqdm import tqdm
 
-from anomalyd.audio import list_audio_files
+from anomalyd.audio import supported_names
 from anomalyd.bundle import META_FILE
-from anomalyd.errors import AnomalydError, ConfigError
+from anomalyd.errors import AnomalydError, ConfigError, TrainingDataError
 from anomalyd.features import FeatureParams, LogMel
-from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
-from training.dataset import Clip, fingerprint, load_clips, make_filterbank, split_clips
+from anomalyd.windows import Normalisation, WindowGeometry
+from training import blocks
+from training.blocks import Block, Split, WindowSet
+from training.dataset import Clip, Recording, fingerprint, load_recordings, make_filterbank
 from training.export import ExportInputs, export_bundle
 from training.finetune import FINETUNE_DEFAULTS, adapt_config, load_parent
 from training.model import Architecture, ConvAutoencoder
+from training.sources import audio_provenance, list_normal, report_lossy, report_unsupported
 
 logger = logging.getLogger("training.train")
 
@@ -46,7 +50,8 @@ logger = logging.getLogger("training.train")
 class TrainConfig:
     # data
     channel: int = 0  # channel to read from multi-channel recordings
-    val_fraction: float = 0.2  # share of files held out for early stopping and the threshold
+    val_fraction: float = 0.2  # share of blocks held out for early stopping and the threshold
+    block_seconds: float = 10.0  # audio is split by time into blocks this long; a shorter file is one block
     # windows (see anomalyd/windows.py for why these sizes)
     n_frames: int = 64  # log-mel frames per window, 2.05 s
     hop_frames: int = 16  # frames between windows when scoring; stored in the bundle
@@ -61,11 +66,11 @@ class TrainConfig:
     batch_size: int = 32  # windows per step
     learning_rate: float = 1e-3  # Adam's learning rate
     # decision rule
-    k: float = 3.0  # threshold = mean + k * std of validation clip scores
+    k: float = 3.0  # threshold = mean + k * std of validation block scores
     # run
     seed: int = 0  # seeds the split, the initial weights and the batch order
     threads: int = 2  # torch CPU threads
-    name: str = ""  # model name, the first part of the model id; default: the --normal folder's name
+    name: str = ""  # model name, the first part of the model id; default: the first --normal folder's name
 
     def problems(self) -> list[str]:
         found = []
@@ -82,6 +87,13 @@ class TrainConfig:
             found.append(f"channels must be three positive integers, got {list(self.channels)}")
         if self.kernel_size % 2 == 0 or self.kernel_size <= 0:
             found.append(f"kernel_size must be a positive odd number, got {self.kernel_size}")
+        params = FeatureParams()
+        window = params.n_samples(self.n_frames) / params.sample_rate
+        if not window <= self.block_seconds <= 3600:
+            found.append(
+                f"block_seconds must hold a window ({window:.2f} s) and be at most 3600, "
+                f"got {self.block_seconds}"
+            )
         if self.learning_rate <= 0 or self.k <= 0:
             found.append(f"learning_rate and k must be positive, got {self.learning_rate}, {self.k}")
         return found
@@ -142,7 +154,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         description=__doc__.splitlines()[0],
         epilog="Every option below --quiet may also be set in a --preset TOML file (same name, with _).",
     )
-    parser.add_argument("--normal", type=Path, required=True, help="folder of normal recordings (WAV/FLAC)")
+    parser.add_argument(
+        "--normal",
+        type=Path,
+        required=True,
+        action="append",
+        metavar="DIR",
+        help=f"folder of normal recordings ({supported_names()}; any length, e.g. one long recording, "
+        "short clips, or both); may be given more than once, e.g. recordings plus false-alarm clips",
+    )
     parser.add_argument(
         "--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)"
     )
@@ -157,6 +177,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
         "training.parent_model_id",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug lines too (e.g. every file of another format)"
+    )
     helps = field_help()
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
@@ -186,13 +209,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, TrainConfig]
     return args, config
 
 
-def windows_of(
-    clips: list[Clip], n_frames: int, hop_frames: int, norm: Normalisation
-) -> npt.NDArray[np.float32]:
-    """All normalised windows of the clips, stacked: (n, n_mels, n_frames)."""
-    return np.concatenate([norm.apply(slice_windows(c.logmel, n_frames, hop_frames)) for c in clips])
-
-
 @dataclass(frozen=True)
 class FitResult:
     epochs_run: int
@@ -201,18 +217,18 @@ class FitResult:
     history: list[tuple[float, float]]  # (train loss, validation loss) per epoch
 
 
-def _mean_loss(model: ConvAutoencoder, x: torch.Tensor, batch_size: int) -> float:
+def _mean_loss(model: ConvAutoencoder, x: WindowSet, batch_size: int) -> float:
     model.eval()
     with torch.no_grad():
         total = 0.0
         for start in range(0, len(x), batch_size):
-            batch = x[start : start + batch_size]
+            batch = x.take(np.arange(start, min(start + batch_size, len(x))))
             total += torch.nn.functional.mse_loss(model(batch), batch, reduction="sum").item()
-    return total / x.numel()
+    return total / x.numel
 
 
 def fit(
-    model: ConvAutoencoder, x_train: torch.Tensor, x_val: torch.Tensor, config: TrainConfig, quiet: bool
+    model: ConvAutoencoder, x_train: WindowSet, x_val: WindowSet, config: TrainConfig, quiet: bool
 ) -> FitResult:
     """Adam on mean squared reconstruction error; keeps the weights of the best validation epoch."""
     optimiser = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
@@ -233,7 +249,7 @@ def fit(
         permutation = torch.randperm(len(x_train), generator=order)
         for start in range(0, len(x_train), config.batch_size):
             idx = permutation[start : start + config.batch_size]
-            batch = x_train[idx]
+            batch = x_train.take(idx)
             loss = torch.nn.functional.mse_loss(model(batch), batch)
             optimiser.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
@@ -259,6 +275,78 @@ def fit(
     return FitResult(len(history), best_epoch, best_loss, history)
 
 
+def load_data(
+    args: argparse.Namespace, config: TrainConfig, logmel: LogMel
+) -> tuple[list[Recording], dict[str, Any]]:
+    """Every usable file of the --normal folders as log-mel frames, and what model.json says about them."""
+    params = logmel.params
+    folders = [list_normal(folder) for folder in args.normal]
+    n_unsupported = report_unsupported(folders)
+    paths = [f.audio for f in folders]
+    n_files = sum(map(len, paths))
+    min_samples = params.n_samples(config.n_frames)
+    recordings, skipped = load_recordings(paths, logmel, min_samples, config.channel)
+    logger.info(
+        "%d audio files in %s: %d usable (%.1f s), %d skipped",
+        n_files,
+        ", ".join(map(str, args.normal)),
+        len(recordings),
+        sum(r.seconds(params.sample_rate) for r in recordings),
+        len(skipped),
+    )
+    if skipped:
+        logger.warning("skipped %d of %d files (reasons above)", len(skipped), n_files)
+    report_lossy(recordings)
+    info = {
+        "normal_dirs": [str(f) for f in args.normal],
+        "audio": audio_provenance(recordings, folders, params.sample_rate),
+        "fingerprint": fingerprint(recordings),
+        "skipped_files": [{"name": s.path.name, "reason": s.reason} for s in skipped],
+        "unsupported_files": n_unsupported,
+    }
+    return recordings, info
+
+
+def split(recordings: list[Recording], config: TrainConfig, params: FeatureParams) -> Split:
+    """Whole blocks of time to training or validation; a clear error when there are too few."""
+    size = blocks.block_frames(params, config.block_seconds)
+    gap = blocks.gap_frames(params)
+    cut = [
+        b
+        for i, r in enumerate(recordings)
+        for b in blocks.cut(i, r.logmel.shape[1], size, gap, config.n_frames)
+    ]
+    if len(cut) < blocks.MIN_TRAIN_BLOCKS + blocks.MIN_VAL_BLOCKS:
+        total = sum(r.seconds(params.sample_rate) for r in recordings)
+        window = params.n_samples(config.n_frames) / params.sample_rate
+        raise TrainingDataError(
+            blocks.too_little(total, len(recordings), len(cut), config.block_seconds, window)
+        )
+    return blocks.split_blocks(cut, config.val_fraction, config.seed)
+
+
+def block_clips(recordings: list[Recording], chosen: list[Block]) -> list[Clip]:
+    return [
+        Clip(recordings[b.recording].path, recordings[b.recording].sha256,
+             recordings[b.recording].logmel[:, b.start : b.stop])
+        for b in chosen
+    ]  # fmt: skip
+
+
+def describe_files(recordings: list[Recording], parts: Split, sample_rate: int) -> list[dict[str, Any]]:
+    """model.json's `training.files`: each used file, its length, content hash and its blocks' roles."""
+    return [
+        {
+            "name": r.path.name,
+            "dir": r.folder,
+            "seconds": round(r.seconds(sample_rate), 2),
+            "sha256": r.sha256,
+            "blocks": parts.roles(i),
+        }
+        for i, r in enumerate(recordings)
+    ]
+
+
 def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     started = time.monotonic()
     torch.manual_seed(config.seed)
@@ -269,34 +357,29 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     filterbank = make_filterbank(params)
     logmel = LogMel(params, filterbank)
     geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
-    min_samples = params.n_samples(config.n_frames)
 
     parent = load_parent(args.init_from, params) if args.init_from is not None else None
-    paths = list_audio_files(args.normal)
-    clips, skipped = load_clips(paths, logmel, min_samples, config.channel)
-    logger.info("%d files in %s: %d usable, %d skipped", len(paths), args.normal, len(clips), len(skipped))
-    if skipped:
-        logger.warning("skipped %d of %d files (reasons above)", len(skipped), len(paths))
-    train_clips, val_clips = split_clips(clips, config.val_fraction, config.seed)
+    recordings, data_info = load_data(args, config, logmel)
+    parts = split(recordings, config, params)
+    train_clips, val_clips = block_clips(recordings, parts.train), block_clips(recordings, parts.val)
     if len(val_clips) < 5:
         logger.warning(
-            "only %d validation clips: the threshold's std is a rough estimate; record more normal audio",
+            "only %d validation blocks: the threshold's std is a rough estimate; record more normal audio",
             len(val_clips),
         )
 
     # Fine-tuning keeps the parent's normalisation: its weights learnt inputs scaled by it.
     norm = parent.normalisation if parent else Normalisation.fit([c.logmel for c in train_clips])
-    x_train = torch.from_numpy(windows_of(train_clips, config.n_frames, config.train_hop_frames, norm))[
-        :, None
-    ]
-    x_val = torch.from_numpy(windows_of(val_clips, config.n_frames, config.train_hop_frames, norm))[:, None]
+    x_train = WindowSet([c.logmel for c in train_clips], config.n_frames, config.train_hop_frames, norm)
+    x_val = WindowSet([c.logmel for c in val_clips], config.n_frames, config.train_hop_frames, norm)
+    seconds = {
+        name: sum(c.logmel.shape[1] for c in chosen) * params.hop_length / params.sample_rate
+        for name, chosen in (("train", train_clips), ("val", val_clips))
+    }
     logger.info(
-        "training on %d windows from %d files, validating on %d windows from %d files",
-        len(x_train),
-        len(train_clips),
-        len(x_val),
-        len(val_clips),
-    )
+        "training on %d windows from %d blocks (%.0f s), validating on %d windows from %d blocks (%.0f s)",
+        len(x_train), len(train_clips), seconds["train"], len(x_val), len(val_clips), seconds["val"],
+    )  # fmt: skip
 
     arch = Architecture(channels=config.channels, kernel_size=config.kernel_size)
     model = ConvAutoencoder(arch)
@@ -312,11 +395,13 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
 
     training_info = {
         "config": {**dataclasses.asdict(config), "channels": list(config.channels)},
-        "normal_dir": str(args.normal),
-        "fingerprint": fingerprint(clips),
-        "train_files": [{"name": c.path.name, "sha256": c.sha256} for c in train_clips],
-        "val_files": [{"name": c.path.name, "sha256": c.sha256} for c in val_clips],
-        "skipped_files": [{"name": s.path.name, "reason": s.reason} for s in skipped],
+        **data_info,
+        # Blocks are block_frames long, gap_frames apart, from each file's start; the last may be longer.
+        "block_frames": blocks.block_frames(params, config.block_seconds),
+        "gap_frames": blocks.gap_frames(params),
+        "files": describe_files(recordings, parts, params.sample_rate),
+        "train_blocks": len(train_clips),
+        "val_blocks": len(val_clips),
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
@@ -327,21 +412,21 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     bundle = export_bundle(
         ExportInputs(
             out=args.out,
-            name=config.name or args.normal.resolve().name,
+            name=config.name or args.normal[0].resolve().name,
             model=model,
             arch=arch,
             logmel=logmel,
             geometry=geometry,
             normalisation=norm,
             val_clips=val_clips,
-            parity_windows=x_val[:64, 0].numpy(),
+            parity_windows=x_val.take(np.arange(min(64, len(x_val))))[:, 0].numpy(),
             k=config.k,
             training=training_info,
         )
     )
     t = bundle.meta.threshold
     logger.info(
-        "wrote %s (model %s): threshold %.5f = %.5f + %.1f x %.5f over %d validation clips, in %.0f s",
+        "wrote %s (model %s): threshold %.5f = %.5f + %.1f x %.5f over %d validation blocks, in %.0f s",
         bundle.path,
         bundle.meta.model_id,
         t.value,
@@ -360,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         args, config = parse_args(argv)
         if args.quiet:
             logging.getLogger().setLevel(logging.WARNING)
+        elif args.verbose:
+            logging.getLogger().setLevel(logging.DEBUG)
         train(args, config)
     except (AnomalydError, ValueError) as exc:
         logger.error("%s", exc)
