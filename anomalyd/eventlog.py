@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from anomalyd.config import DEFAULT_CONFIG, load_config
+from anomalyd.control import ControlClient
 from anomalyd.database import open_database
 from anomalyd.errors import AnomalydError, MarkError
-from anomalyd.marks import give_to_folder_owner, mark_normal
+from anomalyd.marks import MARK_WAIT_S, Marked, give_to_folder_owner, mark_normal
 from anomalyd.records import utc_now
 from anomalyd.store import EVENT_COLUMNS, read_events
 
@@ -119,7 +120,8 @@ def show_events(args: argparse.Namespace) -> int:
 
 
 def mark_event(args: argparse.Namespace) -> int:
-    """`events mark ID --normal`: done on the database directly (WAL lets it beside a running daemon).
+    """`events mark ID --normal`: by the running daemon when one listens on the config's control socket
+    (its store writer is the event log's one writer), otherwise on the database directly (WAL allows it).
 
     The normal-audio folder is the config's `storage.normal_dir`, or `normal` beside the database.
     Run as root, whatever it creates belongs to the database folder's owner (the daemon's user).
@@ -128,21 +130,14 @@ def mark_event(args: argparse.Namespace) -> int:
         raise MarkError("events mark: say what the event was: --normal (a false alarm)")
     if args.event_id is None:
         raise MarkError("events mark: which event? give its id (see `anomalyd events`)")
+    marked: Marked | None
     if args.database is not None:
-        database, normal_dir = args.database, args.database.resolve().parent / "normal"
+        marked = _mark_in(args.database, args.database.resolve().parent / "normal", args)
     else:
-        storage = load_config(args.config or DEFAULT_CONFIG).storage
-        database, normal_dir = storage.database, storage.normal_folder
-    if not database.is_file():
-        raise MarkError(f"{database}: no event database (has the daemon run with this config?)")
-    db = open_database(database)
-    try:
-        give_to_folder_owner(database)
-        marked = mark_normal(
-            db.conn, args.event_id, normal_dir, utc_now(), note=args.note, owner_of=database.parent
-        )
-    finally:
-        db.close()
+        config = load_config(args.config or DEFAULT_CONFIG)
+        marked = _mark_by_daemon(config.control.socket, args)
+        if marked is None:
+            marked = _mark_in(config.storage.database, config.storage.normal_folder, args)
     if marked.already:
         print(f"event {marked.event_id} was already marked a false alarm ({marked.marked_at}); its clip: "
               f"{marked.normal_clip}")  # fmt: skip
@@ -150,3 +145,37 @@ def mark_event(args: argparse.Namespace) -> int:
         print(f"event {marked.event_id} ({marked.stream}) marked a false alarm; its clip joins the normal "
               f"audio: {marked.normal_clip}")  # fmt: skip
     return 0
+
+
+def _mark_in(database: Path, normal_dir: Path, args: argparse.Namespace) -> Marked:
+    if not database.is_file():
+        raise MarkError(f"{database}: no event database (has the daemon run with this config?)")
+    db = open_database(database)
+    try:
+        give_to_folder_owner(database)
+        note = args.note or ""
+        return mark_normal(db.conn, args.event_id, normal_dir, utc_now(), note=note, owner_of=database.parent)
+    finally:
+        db.close()
+
+
+def _mark_by_daemon(socket_path: Path, args: argparse.Namespace) -> Marked | None:
+    """The running daemon's answer, or None when no daemon listens on `socket_path`."""
+    client = ControlClient.connect(socket_path)
+    if client is None:
+        return None
+    try:
+        client.send({"op": "mark", "event_id": args.event_id, "note": args.note or ""})
+        reply = client.receive(MARK_WAIT_S + 5.0)
+    except (OSError, TimeoutError) as exc:
+        raise MarkError(f"the daemon at {socket_path} did not answer the mark ({exc})") from exc
+    finally:
+        client.close()
+    if reply is None or reply.get("ok") is not True:
+        error = reply.get("error", reply) if reply is not None else "it closed the connection"
+        raise MarkError(f"the daemon refused: {error}")
+    try:
+        return Marked(str(reply["event_id"]), str(reply["stream"]), Path(str(reply["normal_clip"])),
+                      str(reply["marked_at"]), bool(reply["already"]))  # fmt: skip
+    except KeyError as exc:
+        raise MarkError(f"the daemon's answer lacks {exc}: {reply}") from exc

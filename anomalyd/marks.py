@@ -1,9 +1,9 @@
 """Marking an event a false alarm: the event log records it, and its clip joins the stream's normal audio.
 
 `mark_normal` is the one function that does it, given the event log's connection and the normal-audio
-folder: the daemon's store writer calls it for an MQTT command (the daemon is the only writer while it
-runs), `anomalyd events mark` calls it directly on the database when no daemon runs (WAL lets it), and a
-control channel can call it the same way. The clip is copied (temp file + rename) into
+folder: the daemon's store writer calls it (the daemon is the only writer while it runs) for an MQTT
+command or a control-channel request (`MarkOp`, which `anomalyd events mark` sends to a running daemon),
+and `anomalyd events mark` calls it directly on the database when no daemon runs (WAL lets it). The clip is copied (temp file + rename) into
 `<normal_dir>/<stream>/`, which retraining takes as an extra `--normal` folder; the copy is outside the
 clip quota, so it survives when the clip itself is later deleted to keep clips under their quota. A
 marked event is never removed by retention.
@@ -19,12 +19,15 @@ import os
 import re
 import shutil
 import sqlite3
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from anomalyd.control import Connection, Reply, Request
 from anomalyd.database import transaction
-from anomalyd.errors import CommandError, MarkError
-from anomalyd.records import iso
+from anomalyd.errors import CommandError, ControlError, MarkError
+from anomalyd.records import iso, utc_now
 
 MAX_NOTE_CHARS = 500
 MAX_MARK_BYTES = 64  # an event id is 32 hex digits
@@ -55,12 +58,16 @@ def parse_mark_command(payload: bytes) -> str:
 
 @dataclass(frozen=True)
 class MarkCommand:
-    """A parsed `event/mark` command for the store's writer; `refused` says why when it was refused."""
+    """A mark for the store's writer, from MQTT (`stream` is the topic's) or the control channel
+    (`stream` None: any stream's event). `refused` says why when parsing already refused it; `answer`,
+    when given, is told the outcome (the Marked record, or None and the reason) from the writer's thread."""
 
-    stream: str
+    stream: str | None
     event_id: str
     at: dt.datetime
     refused: str = ""
+    note: str = ""
+    answer: Callable[[Marked | None, str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -190,3 +197,42 @@ def give_to_folder_owner(database: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             if path.stat().st_uid == 0:
                 os.chown(path, *owner)
+
+
+MARK_WAIT_S = 10.0  # how long a control-channel mark waits for the store's writer
+
+
+class MarkOp:
+    """`{"op": "mark", "event_id": ID, "note": TEXT}` on the control channel: marked by the store's writer
+    (the only writer of the event log while the daemon runs), answered with what `mark_normal` did."""
+
+    def __init__(self, put: Callable[[MarkCommand], None]) -> None:
+        self._put = put
+
+    def __call__(self, request: Request, connection: Connection) -> Reply:
+        event_id, note = request.get("event_id"), request.get("note", "")
+        if not isinstance(event_id, str) or not isinstance(note, str):
+            raise ControlError('a mark request is {"op": "mark", "event_id": ID, "note": TEXT}')
+        try:
+            event_id = parse_event_id(event_id)
+        except CommandError as exc:
+            raise ControlError(f"event id {event_id[:40]!r}: {exc}") from exc
+        if len(note) > MAX_NOTE_CHARS:
+            raise ControlError(f"note: {len(note)} characters; at most {MAX_NOTE_CHARS}")
+        done = threading.Event()
+        outcome: list[tuple[Marked | None, str]] = []
+
+        def answer(marked: Marked | None, refused: str) -> None:
+            outcome.append((marked, refused))
+            done.set()
+
+        self._put(MarkCommand(None, event_id, utc_now(), note=note, answer=answer))
+        if not done.wait(MARK_WAIT_S):
+            raise ControlError(f"the event log did not answer within {MARK_WAIT_S:g} s; try again")
+        marked, refused = outcome[0]
+        if marked is None:
+            raise ControlError(refused)
+        return {
+            "ok": True, "event_id": marked.event_id, "stream": marked.stream, "marked_at": marked.marked_at,
+            "normal_clip": str(marked.normal_clip), "already": marked.already,
+        }  # fmt: skip

@@ -27,6 +27,7 @@ from anomalyd.config import DaemonConfig, config_warnings, load_config
 from anomalyd.contract import Topics
 from anomalyd.control import ControlServer
 from anomalyd.errors import AnomalydError, ControlError
+from anomalyd.marks import MarkOp
 from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
@@ -142,7 +143,7 @@ class Daemon:
             "anomalyd running on node %s: %d stream(s), events in %s",
             config.node_id, len(config.streams), config.storage.database,
         )  # fmt: skip
-        control = self._start_control(config, pipeline)
+        control = self._start_control(config, pipeline, store)
         self._notifier.ready(self._summary(pipeline))
         try:
             self._serve(pipeline, store)
@@ -169,10 +170,10 @@ class Daemon:
         return status
 
     @staticmethod
-    def _start_control(config: DaemonConfig, pipeline: Pipeline) -> ControlServer | None:
+    def _start_control(config: DaemonConfig, pipeline: Pipeline, store: StoreWriter) -> ControlServer | None:
         """The local control channel; without it the daemon monitors all the same."""
         record = RecordOp(pipeline.tap, pipeline.describe, lambda: [r.name for r in pipeline.streams()])
-        server = ControlServer(config.control.socket, {"record": record})
+        server = ControlServer(config.control.socket, {"record": record, "mark": MarkOp(store.put)})
         try:
             server.start()
         except ControlError as exc:

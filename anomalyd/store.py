@@ -427,7 +427,7 @@ class StoreWriter:
         if not refused:
             try:
                 marked = mark_normal(
-                    self._conn, command.event_id, self.config.normal_folder, now,
+                    self._conn, command.event_id, self.config.normal_folder, now, note=command.note,
                     stream=command.stream, owner_of=self.config.database.parent,
                 )  # fmt: skip
             except MarkError as exc:
@@ -435,14 +435,18 @@ class StoreWriter:
             except (OSError, sqlite3.Error) as exc:  # the disk: the sender may try again
                 refused = f"cannot mark now: {' '.join(describe(exc, self.config.database).split())}"
         if refused:
-            logger.warning("stream %s: mark command for event %s refused: %s", command.stream,
+            logger.warning("stream %s: mark command for event %s refused: %s", command.stream or "-",
                            command.event_id, refused)  # fmt: skip
         elif marked is not None and not marked.already:
             logger.warning("stream %s: event %s marked a false alarm; its clip is now normal audio: %s",
                            marked.stream, marked.event_id, marked.normal_clip)  # fmt: skip
+        if command.answer is not None:
+            command.answer(marked, refused)
         if self.outbox is None:
             return []
         if marked is None:
+            if command.stream is None:  # from the control channel: its client has the answer
+                return []
             return [
                 marked_message(
                     self.outbox.topics, command.stream, command.event_id, now, refused=refused[:200]
@@ -450,7 +454,7 @@ class StoreWriter:
             ]
         return [
             marked_message(
-                self.outbox.topics, command.stream, marked.event_id, now, marked_at=marked.marked_at,
+                self.outbox.topics, marked.stream, marked.event_id, now, marked_at=marked.marked_at,
                 normal_clip=str(marked.normal_clip), already=marked.already,
             )
         ]  # fmt: skip

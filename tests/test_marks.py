@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -19,9 +20,10 @@ import pytest
 
 from anomalyd.config import ClipsConfig, MqttConfig, StorageConfig, parse_config
 from anomalyd.contract import Topics, load_schema
+from anomalyd.control import ControlClient, ControlServer
 from anomalyd.database import SCHEMA_VERSION, read_events
 from anomalyd.errors import CommandError
-from anomalyd.marks import MarkCommand, parse_mark_command
+from anomalyd.marks import MarkCommand, MarkOp, parse_mark_command
 from anomalyd.mqtt import Publisher
 from anomalyd.mutes import Mutes
 from anomalyd.outbox import Outbox
@@ -219,3 +221,43 @@ def test_mark_through_a_real_broker(tmp_path: Path, broker: Broker) -> None:
     payload = json.loads(answer.payload)
     assert (payload["marked"], payload["already"], payload["event_id"]) == (True, False, WITH_CLIP)
     assert Path(payload["normal_clip"]).is_file()
+
+
+def test_mark_over_the_control_channel_is_done_by_the_store_writer(tmp_path: Path) -> None:
+    """`anomalyd events mark` against a running daemon: its request, its writer, its answer."""
+    writer = event_log(tmp_path, Outbox(TOPICS, 10_000, Mutes()))
+    writer.db.execute("DELETE FROM outbox")
+    writer.start()
+    server = ControlServer(tmp_path / "control.sock", {"mark": MarkOp(writer.put)})
+    server.start()
+    replies: list[dict[str, Any]] = []
+    try:
+        for request in ({"op": "mark", "event_id": WITH_CLIP[:8], "note": "door open"},
+                        {"op": "mark", "event_id": WITH_CLIP}, {"op": "mark", "event_id": NO_CLIP},
+                        {"op": "mark", "event_id": "zz"}, {"op": "mark", "event_id": 5},
+                        {"op": "mark", "event_id": WITH_CLIP, "note": "x" * 501}):  # fmt: skip
+            client = ControlClient.connect(tmp_path / "control.sock")
+            assert client is not None
+            client.send(request)
+            replies.append(client.receive(15.0) or {})
+            client.close()
+        assert writer.flush(10.0)
+        rows = writer.db.execute("SELECT topic, payload FROM outbox ORDER BY id").fetchall()
+    finally:
+        server.stop()
+        writer.stop(2.0)
+    first, again, no_clip, bad_id, not_text, long_note = replies
+    assert (first["ok"], first["already"]) == (True, False)
+    assert (first["event_id"], first["stream"]) == (WITH_CLIP, "fan")
+    assert Path(first["normal_clip"]).parent == tmp_path / "normal" / "fan"
+    assert (again["ok"], again["already"]) == (True, True)
+    assert no_clip == {"ok": False, "error": f"event {NO_CLIP}: has no clip (clips off, the disk short, or "
+                       "deleted by the clip quota)"}  # fmt: skip
+    assert "hexadecimal" in bad_id["error"]
+    assert not_text["ok"] is False
+    assert "at most 500" in long_note["error"]
+    (marked,) = [r for r in read_events(tmp_path / "events.db") if r["marked_normal_at"]]
+    assert (marked["event_id"], marked["mark_note"]) == (WITH_CLIP, "door open")
+    # MQTT subscribers hear of the marks too; a refused request is its client's alone.
+    answers = [json.loads(p) for t, p in rows if t.endswith("/fan/marked")]
+    assert [(a["event_id"], a["already"]) for a in answers] == [(WITH_CLIP, False), (WITH_CLIP, True)]

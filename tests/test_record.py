@@ -87,7 +87,9 @@ class PacedFifo:
     opens the FIFO again for the next reader and goes on where it was.
     """
 
-    def __init__(self, folder: Path, audio: npt.NDArray[np.float32]) -> None:
+    def __init__(self, folder: Path, audio: npt.NDArray[np.float32], loop: bool = False) -> None:
+        """`loop`: start the audio again at its end (past the end, ALSA's file plugin would read stale data
+        as fast as it can) until stopped."""
         self.fifo = folder / "capture.fifo"
         os.mkfifo(self.fifo)
         self.conf = folder / "asound.conf"
@@ -96,6 +98,7 @@ class PacedFifo:
             f'  infile "{self.fifo}"\n  format "raw"\n}}\npcm.default {{ type plug; slave.pcm "filemic" }}\n'
         )
         self.audio = np.ascontiguousarray(audio, dtype="<f4")
+        self.loop = loop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -108,7 +111,7 @@ class PacedFifo:
 
     def _run(self) -> None:
         position, started = 0, time.monotonic()
-        while not self._stop.is_set() and position < len(self.audio):
+        while not self._stop.is_set() and (self.loop or position < len(self.audio)):
             try:
                 fd = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
             except OSError:  # no reader yet
@@ -119,8 +122,9 @@ class PacedFifo:
             # find the FIFO full, or a block would go in two parts and a read could get half of one.
             fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 1 << 20)
             try:
-                while not self._stop.is_set() and position < len(self.audio):
-                    os.write(fd, self.audio[position : position + BLOCK].tobytes())
+                while not self._stop.is_set() and (self.loop or position < len(self.audio)):
+                    at = position % len(self.audio) if self.loop else position
+                    os.write(fd, self.audio[at : at + BLOCK].tobytes())
                     position += BLOCK
                     self._stop.wait(max(0.0, started + position / CAPTURE_RATE / SPEED - time.monotonic()))
             except BrokenPipeError:
