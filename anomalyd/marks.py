@@ -3,10 +3,10 @@
 `mark_normal` is the one function that does it, given the event log's connection and the normal-audio
 folder: the daemon's store writer calls it (the daemon is the only writer while it runs) for an MQTT
 command or a control-channel request (`MarkOp`, which `anomalyd events mark` sends to a running daemon),
-and `anomalyd events mark` calls it directly on the database when no daemon runs (WAL lets it). The clip is copied (temp file + rename) into
-`<normal_dir>/<stream>/`, which retraining takes as an extra `--normal` folder; the copy is outside the
-clip quota, so it survives when the clip itself is later deleted to keep clips under their quota. A
-marked event is never removed by retention.
+and `anomalyd events mark` calls it directly on the database when no daemon runs (WAL lets it). The
+clip is copied (temp file + rename) into `<normal_dir>/<stream>/`, which retraining takes as an extra
+`--normal` folder; the copy is outside the clip quota, so it survives when the clip itself is later
+deleted to keep clips under their quota. A marked event is never removed by retention.
 
 Command payloads (MQTT `<prefix>/<node>/<stream>/event/mark`) are parsed strictly, like mute commands.
 """
