@@ -112,6 +112,7 @@ def _config(folder: Path, state: Path, recording: Path) -> Path:
     config = folder / "anomalyd.toml"
     config.write_text(
         f'[storage]\ndatabase = "{state}/events.db"\n[storage.clips]\ndirectory = "{state}/clips"\n'
+        f'[control]\nsocket = "{state}/control.sock"\n'
         f'[[streams]]\nname = "fan"\nbundle = "{state}/models/fan"\n'
         f'[streams.source]\ntype = "file"\npath = "{recording}"\nrealtime = true\nloop = true\n'
         "[streams.detector]\ncooldown_seconds = 0\n"

@@ -292,7 +292,7 @@ def test_garbage_on_the_socket_gets_an_error_line_and_the_daemon_lives(running: 
             return dict(json.loads(sock.recv(65536).split(b"\n")[0]))
 
     assert "not a JSON request" in str(ask(b"\x00\xff\xfe GET / HTTP/1.1\r\n\n")["error"])
-    assert ask(b'{"op": "reboot"}\n')["error"] == "unknown op 'reboot'; known: record"
+    assert ask(b'{"op": "reboot"}\n')["error"] == "unknown op 'reboot'; known: mark, record"
     assert ask(b'{"op": "record", "stream": "pump"}\n')["error"] == (
         "record: this daemon runs no stream 'pump'; it runs: fan"
     )
