@@ -120,8 +120,11 @@ def test_folders_of_mixed_lengths_and_formats(tmp_path: Path, caplog: pytest.Log
     marked = tmp_path / "marked"
     for i in range(3):
         _write(marked / f"fan-20261122T0900{i:02d}Z-{i:04d}.wav", _clip(30 + i, 4.0), subtype="PCM_16")
+    segments = [{"file": f"fan-20261122T0900{i:02d}Z-{i:04d}.wav", "seconds": 4.0, "flags": flags}
+                for i, flags in enumerate(([], ["clipping"], []))]  # fmt: skip
+    segments.append({"file": "gone.wav", "flags": ["silent"]})  # moved out of the folder: not trained on
     manifest = {"stream": "fan", "device": "filemic", "capture_rate": 48000, "rate": 16000,
-                "source": "daemon", "segments": []}  # fmt: skip
+                "source": "daemon", "segments": segments}  # fmt: skip
     (marked / MANIFEST_FILE).write_text(json.dumps(manifest))
 
     out = tmp_path / "bundle"
@@ -142,6 +145,10 @@ def test_folders_of_mixed_lengths_and_formats(tmp_path: Path, caplog: pytest.Log
         "1 of 9 training files are lossy (1 MP3)" in w and "changes the spectrum" in w for w in warnings
     )
     assert any("blip.wav: too short" in w for w in warnings)
+    assert any(
+        w.startswith("1 recorded segment(s) flagged by `anomalyd record` are trained on: "
+                     "fan-20261122T090001Z-0001.wav (clipping); move them out") for w in warnings
+    )  # fmt: skip
     assert "skipped 1 of 10 files (reasons above)" in warnings
 
     meta = load_bundle(out).meta  # validated, provenance included, as the daemon loads it

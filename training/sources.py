@@ -32,6 +32,7 @@ class Manifest:
 
     device: str | None
     capture_rate: int | None  # Hz, the device's, before resampling to the model rate
+    flagged: tuple[tuple[str, str], ...] = ()  # (segment file, "silent"/"clipping"...) as record saw it
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,21 @@ def _manifest_values(data: Any) -> Manifest:
         raise ValueError(
             f"neither a device name nor a capture_rate within {MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz"
         )
-    return Manifest(device if device_ok else None, rate if rate_ok else None)
+    return Manifest(device if device_ok else None, rate if rate_ok else None, _flagged(data.get("segments")))
+
+
+def _flagged(segments: Any) -> tuple[tuple[str, str], ...]:
+    """Segments that `anomalyd record` flagged (silence, clipping); anything malformed is passed over."""
+    if not isinstance(segments, list):
+        return ()
+    found = []
+    for segment in segments:
+        if not isinstance(segment, dict):
+            continue
+        name, flags = segment.get("file"), segment.get("flags")
+        if isinstance(name, str) and isinstance(flags, list) and flags:
+            found.append((name, ",".join(str(f)[:20] for f in flags[:4])))
+    return tuple(found)
 
 
 def read_manifest(folder: Path) -> Manifest | None:
@@ -75,6 +90,26 @@ def list_normal(folder: Path) -> Folder:
     audio, others = list_folder(folder)
     unsupported = [p for p in others if p.name != MANIFEST_FILE]
     return Folder(folder, audio, unsupported, read_manifest(folder))
+
+
+def report_flagged(folders: list[Folder]) -> int:
+    """One warning naming the recorded segments flagged silent or clipping that training will use."""
+    used = [
+        (folder.path / name, flags)
+        for folder in folders
+        if folder.manifest is not None
+        for name, flags in folder.manifest.flagged
+        if folder.path / name in folder.audio
+    ]
+    if used:
+        shown = ", ".join(f"{p.name} ({flags})" for p, flags in used[:NAMES_SHOWN])
+        more = f" and {len(used) - NAMES_SHOWN} more" if len(used) > NAMES_SHOWN else ""
+        logger.warning(
+            "%d recorded segment(s) flagged by `anomalyd record` are trained on: %s%s; move them out of the "
+            "folder unless the machine really sounds like that when healthy",
+            len(used), shown, more,
+        )  # fmt: skip
+    return len(used)
 
 
 def report_unsupported(folders: list[Folder]) -> int:

@@ -41,7 +41,7 @@ from training.dataset import Clip, Recording, fingerprint, load_recordings, make
 from training.export import ExportInputs, export_bundle
 from training.finetune import FINETUNE_DEFAULTS, adapt_config, load_parent
 from training.model import Architecture, ConvAutoencoder
-from training.sources import audio_provenance, list_normal, report_lossy, report_unsupported
+from training.sources import audio_provenance, list_normal, report_flagged, report_lossy, report_unsupported
 
 logger = logging.getLogger("training.train")
 
@@ -282,6 +282,7 @@ def load_data(
     params = logmel.params
     folders = [list_normal(folder) for folder in args.normal]
     n_unsupported = report_unsupported(folders)
+    report_flagged(folders)
     paths = [f.audio for f in folders]
     n_files = sum(map(len, paths))
     min_samples = params.n_samples(config.n_frames)
