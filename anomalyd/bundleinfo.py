@@ -1,9 +1,9 @@
 """`anomalyd bundle info` and `anomalyd bundle install`: what a bundle is, and putting one in service.
 
 `info` loads the bundle exactly as the daemon does (every check of `anomalyd.bundle`), then describes it
-from model.json. Fields that other tools add later (`training.audio`, `threshold.calibration`,
-`training.parent_model_id`) are free-form here and read tolerantly: shown when present and well formed,
-never a reason to refuse an otherwise good bundle.
+from its loaded metadata. The calibration is the schema-checked `threshold.calibration`; `training` is a
+free-form section (`training.audio`, `training.parent_model_id`, ...) read tolerantly: shown when present
+and well formed, never a reason to refuse an otherwise good bundle.
 
 `install` copies a bundle into the service's model folder so that a daemon running as another user
 (systemd DynamicUser: the state directory belongs to the dynamic user, mode 0750) can read it, and so
@@ -70,7 +70,7 @@ def describe(bundle: Bundle) -> dict[str, Any]:
     config = _dict(training.get("config"))
     audio = _dict(training.get("audio")) or None
     t = meta.threshold
-    calibration = _dict(_raw_threshold(bundle.path).get("calibration")) or None
+    calibration = t.calibration
     features = meta.features
     window = meta.window
     hop_s = features.hop_length / features.sample_rate
@@ -122,15 +122,6 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "architecture": meta.architecture,
         "versions": meta.versions,
     }
-
-
-def _raw_threshold(directory: Path) -> dict[str, Any]:
-    """threshold.* as written (a calibrated bundle carries fields this version's schema may not expose)."""
-    try:
-        data = json.loads((directory / META_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return _dict(_dict(data).get("threshold"))
 
 
 def _counts(value: Any) -> str:
