@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from anomalyd.audio import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, list_folder, supported_names
+from anomalyd.segments import MANIFEST as MANIFEST_FILE  # written by `anomalyd record` beside its segments
 from training.dataset import Recording
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_FILE = "recording.json"  # written by `anomalyd record` beside its segments
 RECORDED_BY = "anomalyd record"
 NAMES_SHOWN = 3  # unsupported files named in the warning line; all of them at debug level (-v)
 MAX_DEVICE_CHARS = 256
