@@ -329,32 +329,30 @@ class Publisher:
             return
         marking = self.topics.stream_of_mark(topic)
         if marking is not None:
-            self._on_mark(marking, message)
+            self._on_command("mark", marking, message, mark_command)
             return
         stream = self.topics.stream_of_command(topic)
         if stream is None:
             self._ignored(f"a message on unexpected topic {shown(topic)}")
             return
-        if stream not in self.streams:
-            self._ignored(f"a mute command for unknown stream {shown(stream)}")
-            return
-        command = mute_command(stream, bytes(message.payload), message.retain, utc_now())
-        if command.refused and self._command_log.ready():
-            logger.warning(
-                "MQTT: mute command %s for stream %s refused: %s%s",
-                shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
-            )  # fmt: skip
-        self._sink.put(command)
+        self._on_command("mute", stream, message, mute_command)
 
-    def _on_mark(self, stream: str, message: mqtt.MQTTMessage) -> None:
+    def _on_command(
+        self,
+        kind: str,
+        stream: str,
+        message: mqtt.MQTTMessage,
+        parse: Callable[[str, bytes, bool, dt.datetime], MuteCommand | MarkCommand],
+    ) -> None:
+        """A stream's command to the store's writer, refused ones too (the writer answers them)."""
         if stream not in self.streams:
-            self._ignored(f"a mark command for unknown stream {shown(stream)}")
+            self._ignored(f"a {kind} command for unknown stream {shown(stream)}")
             return
-        command = mark_command(stream, bytes(message.payload), message.retain, utc_now())
+        command = parse(stream, bytes(message.payload), message.retain, utc_now())
         if command.refused and self._command_log.ready():
             logger.warning(
-                "MQTT: mark command %s for stream %s refused: %s%s",
-                shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
+                "MQTT: %s command %s for stream %s refused: %s%s",
+                kind, shown(message.payload), stream, command.refused, self._command_log.take_suppressed(),
             )  # fmt: skip
         self._sink.put(command)
 
