@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,23 @@ from training import train
 ROOT = Path(__file__).resolve().parent.parent
 MIMII = ROOT / "fixtures" / "mimii"
 SMALL_PRESET = ROOT / "configs" / "train-small.toml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def project_reachable_by_other_users() -> Iterator[None]:
+    """Tests run the daemon and the CLI as another user (as systemd's DynamicUser does), from this checkout
+    and its .venv. A checkout inside a private folder (`mktemp -d` makes them 0700) would hide them from
+    that user: folders above the checkout get search permission (not read) for the session, then their
+    modes back."""
+    changed = []
+    for folder in (ROOT, *ROOT.parents):
+        mode = folder.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            folder.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((folder, stat.S_IMODE(mode)))
+    yield
+    for folder, mode in changed:
+        folder.chmod(mode)
 
 
 @pytest.fixture(scope="session")
