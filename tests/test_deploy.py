@@ -155,9 +155,9 @@ def test_install_and_reload_under_another_user_switches_the_model(
         status = Path(f"/proc/{daemon.process.pid}/status").read_text().splitlines()
         uid_line = next(line for line in status if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(DAEMON_UID)] * 4, uid_line
-        events = read_events(state / "events.db")
-        assert events
-        assert {e["model_id"] for e in events} == {old_id}
+        # The log line comes from the worker; the row follows from the store writer's thread.
+        daemon.wait_for(lambda: bool(read_events(state / "events.db")), 30.0, "the first event's row")
+        assert {e["model_id"] for e in read_events(state / "events.db")} == {old_id}
 
         result = anomalyd("bundle", "install", fresh, "--into", served)
         assert result.returncode == 0, result.stderr
