@@ -13,7 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from anomalyd.mutes import save_mute
+from anomalyd.mutes import save_minutes, save_mute
 from anomalyd.records import AnomalyEvent, SourceStatus, iso
 
 BACKLOG_ROWS = 10_000  # rows kept in memory while the event log cannot be written
@@ -43,8 +43,24 @@ class ClipRow:
     path: str
 
 
-Row = EventRow | StatusRow | MuteRow | ClipRow
-DROP_ORDER: tuple[type[Row], ...] = (StatusRow, ClipRow, MuteRow, EventRow)
+@dataclass(frozen=True)
+class MinutesRow:
+    stream: str
+    minutes: float  # the stream's mute duration, set at run time
+    at: dt.datetime
+
+
+@dataclass(frozen=True)
+class DiscoveryRow:
+    """Home Assistant discovery topics now published, and those just cleared."""
+
+    published: tuple[str, ...]
+    cleared: tuple[str, ...]
+    at: dt.datetime
+
+
+Row = EventRow | StatusRow | MuteRow | ClipRow | MinutesRow | DiscoveryRow
+DROP_ORDER: tuple[type[Row], ...] = (StatusRow, ClipRow, DiscoveryRow, MinutesRow, MuteRow, EventRow)
 
 _EVENT_COLUMNS = (
     "event_id", "node", "stream", "state", "started_at", "ended_at", "start_sample", "end_sample",
@@ -84,8 +100,25 @@ def apply_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
             )
         elif isinstance(row, MuteRow):
             save_mute(conn, row.stream, row.until, row.at)
+        elif isinstance(row, MinutesRow):
+            save_minutes(conn, row.stream, row.minutes, row.at)
+        elif isinstance(row, DiscoveryRow):
+            _save_discovery(conn, row)
         else:
             conn.execute("UPDATE events SET clip_path = ? WHERE event_id = ?", [row.path, row.event_id])
+
+
+def _save_discovery(conn: sqlite3.Connection, row: DiscoveryRow) -> None:
+    conn.executemany("DELETE FROM discovery WHERE topic = ?", [(t,) for t in row.cleared])
+    conn.executemany(
+        "INSERT INTO discovery (topic, published_at) VALUES (?, ?) ON CONFLICT(topic) DO NOTHING",
+        [(t, iso(row.at)) for t in row.published],
+    )
+    # A config wanted again must not be cleared by a clearing message still waiting from before.
+    conn.executemany(
+        "DELETE FROM outbox WHERE topic = ? AND kind = 'discovery' AND payload = ''",
+        [(t,) for t in row.published],
+    )
 
 
 def _key(row: Row, seq: int) -> tuple[str, str]:
@@ -95,6 +128,8 @@ def _key(row: Row, seq: int) -> tuple[str, str]:
         return ("mute", row.stream)
     if isinstance(row, ClipRow):
         return ("clip", row.event_id)
+    if isinstance(row, MinutesRow):
+        return ("minutes", row.stream)
     return ("status", str(seq))
 
 

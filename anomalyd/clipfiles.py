@@ -4,6 +4,7 @@ a quota, never written when the disk is short. Clips are the first thing given u
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import shutil
 from pathlib import Path
@@ -24,6 +25,11 @@ def _clip_files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.wav"), key=lambda p: p.stat().st_mtime)
 
 
+def clip_name(stream: str, started_at: dt.datetime, event_id: str) -> str:
+    """The file name of an event's clip (event messages name it before it is written)."""
+    return f"{stream}-{started_at.strftime('%Y%m%dT%H%M%S')}-{event_id[:8]}.wav"
+
+
 def save_clip(job: ClipJob, config: ClipsConfig) -> Path | None:
     """Write the clip as 16-bit WAV unless the disk is short; then keep all clips under the quota.
 
@@ -38,8 +44,7 @@ def save_clip(job: ClipJob, config: ClipsConfig) -> Path | None:
                 job.event_id, free_mb, job.directory, config.min_free_mb, _floor_log.take_suppressed(),
             )  # fmt: skip
         return None
-    stamp = job.started_at.strftime("%Y%m%dT%H%M%S")
-    path = job.directory / f"{job.stream}-{stamp}-{job.event_id[:8]}.wav"
+    path = job.directory / clip_name(job.stream, job.started_at, job.event_id)
     tmp = path.with_suffix(".wav" + PARTIAL_SUFFIX)
     try:
         sf.write(tmp, job.samples, job.sample_rate, subtype="PCM_16", format="WAV")

@@ -58,6 +58,12 @@ class ClipsConfig(_Section):
     min_free_mb: float = Field(
         500.0, ge=0, le=10_000_000, description="no clip is written when the disk has less free"
     )
+    base_url: str = Field(
+        "",
+        pattern=r"^(https?://[^\s]{1,500})?$",
+        description="URL under which the clip folder is served (a web server or the dashboard); event "
+        "messages then carry each clip's URL; empty = file names only",
+    )
 
 
 class StorageConfig(_Section):
@@ -247,6 +253,18 @@ class StreamConfig(_Section):
     bundle: Path = Field(description="model bundle folder; relative to the config file")
     source: Source
     detector: DetectorConfig = DetectorConfig()
+    area: str = Field(
+        "",
+        pattern=r"^[^\x00-\x1f]{0,64}$",
+        description="where the machine stands (e.g. 'Hall 2'); Home Assistant's suggested area",
+    )
+    mute_minutes: float = Field(
+        60.0,
+        gt=0,
+        le=10_080,
+        description="how long a mute without a duration lasts (Home Assistant's "
+        "Mute switch); changed at run time over MQTT",
+    )
 
 
 SOCKET_PATH_MAX = 107  # bytes: a Unix socket's path must fit sockaddr_un.sun_path (108 with its NUL)

@@ -3,18 +3,24 @@
     <prefix>/<node>/status             retained  "online" | "offline" (the offline one is the Last Will)
     <prefix>/<node>/diagnostics        retained  JSON: storage, MQTT backlog and per-stream lag (on change)
     <prefix>/<node>/<stream>/state     retained  "ON" while an anomaly event is open, else "OFF"
-    <prefix>/<node>/<stream>/event     QoS 1     JSON: start / update / end of an event (schemas/event.json)
+    <prefix>/<node>/<stream>/event     QoS 1     JSON: start / update / end of an event (schemas/event.json);
+                                                 the end names the event's clip (file, URL)
+    <prefix>/<node>/<stream>/last_event  retained  JSON: the latest of those messages (schemas/event.json),
+                                                 for dashboards and Home Assistant's attributes
     <prefix>/<node>/<stream>/score     QoS 0     JSON: the latest window score, periodically
     <prefix>/<node>/<stream>/source    retained  JSON: source health (ok / silent / clipping / lost / ended)
     <prefix>/<node>/<stream>/mute/set  command   seconds to mute the stream's new alerts (0 to 604800, plain
-                                                 decimal); 0 or "off" unmutes; anything else is refused
-    <prefix>/<node>/<stream>/mute      retained  JSON: the mute state, acknowledging each command (also a
-                                                 refused one) and each mute's expiry
+                                                 decimal); "on" for the stream's mute duration; 0 or "off"
+                                                 unmutes; anything else is refused
+    <prefix>/<node>/<stream>/mute/minutes/set  command  the stream's mute duration in minutes (1 to 10080)
+    <prefix>/<node>/<stream>/mute      retained  JSON: the mute state and duration, acknowledging each
+                                                 command (also a refused one) and each mute's expiry
     <prefix>/<node>/<stream>/event/mark  command   an event id: that event was a false alarm (its clip
                                                  joins the stream's normal audio)
     <prefix>/<node>/<stream>/marked    QoS 1     JSON: the answer to each mark command (schemas/marked.json)
 
 Every JSON payload has a JSON Schema in anomalyd/schemas/; tests validate published messages against them.
+Home Assistant's discovery configs for these topics are made in anomalyd/homeassistant.py.
 """
 
 from __future__ import annotations
@@ -25,10 +31,18 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from anomalyd import __version__
-from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, iso
+from anomalyd.records import AnomalyEvent, ScoreReport, SourceStatus, iso
 
 SCHEMA_NAMES = ("event", "score", "source", "mute", "state", "status", "diagnostics", "marked")
+
+
+# The schema of each topic's last level; `state` and `status` are plain strings.
+SCHEMA_OF_LEAF = {**{name: name for name in SCHEMA_NAMES}, "last_event": "event"}
+
+
+def schema_for(topic: str) -> str | None:
+    """The name of the JSON Schema of a topic's payload, None for topics without one (commands)."""
+    return SCHEMA_OF_LEAF.get(topic.rsplit("/", 1)[-1])
 
 
 def load_schema(name: str) -> dict[str, Any]:
@@ -59,23 +73,27 @@ class Topics:
         return f"{self.prefix}/{self.node}/+/mute/set"
 
     @property
+    def minutes_commands(self) -> str:
+        return f"{self.prefix}/{self.node}/+/mute/minutes/set"
+
+    @property
     def mark_commands(self) -> str:
         return f"{self.prefix}/{self.node}/+/event/mark"
 
-    def stream_of_mark(self, topic: str) -> str | None:
-        """The stream of an `event/mark` command topic; None for any other topic."""
+    def command_of(self, topic: str) -> tuple[str, str] | None:
+        """(stream, command) of a command topic: command is "mute/set", "mute/minutes/set" or
+        "event/mark"; None for any other topic."""
         parts = topic.split("/")
         base = f"{self.prefix}/{self.node}".split("/")
-        if len(parts) != len(base) + 3 or parts[: len(base)] != base or parts[-2:] != ["event", "mark"]:
+        if len(parts) < len(base) + 3 or parts[: len(base)] != base:
             return None
-        return parts[len(base)]
+        command = "/".join(parts[len(base) + 1 :])
+        if command not in COMMANDS:
+            return None
+        return parts[len(base)], command
 
-    def stream_of_command(self, topic: str) -> str | None:
-        parts = topic.split("/")
-        base = f"{self.prefix}/{self.node}".split("/")
-        if len(parts) != len(base) + 3 or parts[: len(base)] != base or parts[-2:] != ["mute", "set"]:
-            return None
-        return parts[len(base)]
+
+COMMANDS = ("mute/set", "mute/minutes/set", "event/mark")
 
 
 @dataclass(frozen=True)
@@ -88,17 +106,32 @@ class Message:
     event_id: str | None = None
 
 
-def event_message(topics: Topics, event: AnomalyEvent, replayed: bool = False) -> Message:
-    payload = {
+@dataclass(frozen=True)
+class ClipRef:
+    """Where an event's clip is written (complete post_roll_seconds after the end), and its URL."""
+
+    file: str
+    url: str | None = None
+
+
+def event_messages(
+    topics: Topics, event: AnomalyEvent, replayed: bool = False, clip: ClipRef | None = None
+) -> list[Message]:
+    """The event message, and the same as the stream's retained `last_event`."""
+    payload = json.dumps({
         **event.shared_fields(),
         "type": event.type,
         "reason": event.reason or None,
+        "clip": clip.file if clip is not None else None,
+        "clip_url": clip.url if clip is not None else None,
         "sent_at": iso(event.at),
         "replayed": replayed,
-    }
-    return Message(
-        topics.stream(event.stream, "event"), json.dumps(payload), 1, False, "event", event.event_id
-    )
+    })  # fmt: skip
+    return [
+        Message(topics.stream(event.stream, "event"), payload, 1, False, "event", event.event_id),
+        # Only the newest matters: superseded like a state, and like one restated first when online.
+        Message(topics.stream(event.stream, "last_event"), payload, 1, True, "state"),
+    ]
 
 
 def state_message(topics: Topics, event: AnomalyEvent) -> Message:
@@ -134,27 +167,23 @@ def score_message(topics: Topics, report: ScoreReport) -> Message:
 MUTE_REASONS = ("command", "expired", "restored")  # why the mute state is what it is
 
 
-def mute_payload(
-    stream: str, until: dt.datetime | None, at: dt.datetime, reason: str = "command", refused: str = ""
-) -> str:
-    """The mute state; `refused` (the short reason) when it answers a command that changed nothing."""
-    assert reason in MUTE_REASONS
-    return json.dumps(
-        {"stream": stream, "muted": until is not None, "until": iso(until), "at": iso(at),
-         "reason": reason, "refused": refused or None}
-    )  # fmt: skip
-
-
 def mute_message(
     topics: Topics,
     stream: str,
     until: dt.datetime | None,
     at: dt.datetime,
     *,
+    minutes: float | None = None,
     reason: str = "command",
     refused: str = "",
 ) -> Message:
-    payload = mute_payload(stream, until, at, reason, refused)
+    """The mute state (and the stream's mute duration, where known); `refused` (the short reason) when
+    it answers a command that changed nothing."""
+    assert reason in MUTE_REASONS
+    payload = json.dumps(
+        {"stream": stream, "muted": until is not None, "until": iso(until), "minutes": minutes,
+         "at": iso(at), "reason": reason, "refused": refused or None}
+    )  # fmt: skip
     return Message(topics.stream(stream, "mute"), payload, 1, True, "mute")
 
 
@@ -183,52 +212,3 @@ def as_replayed(payload: str) -> str:
     data = json.loads(payload)
     data["replayed"] = True
     return json.dumps(data)
-
-
-def discovery_messages(topics: Topics, streams: list[str], discovery_prefix: str) -> list[Message]:
-    """Home Assistant MQTT discovery: one device per node; per stream a problem sensor, score, source."""
-    device = {
-        "identifiers": [f"anomalyd_{topics.node}"],
-        "name": f"anomalyd {topics.node}",
-        "manufacturer": "anomalyd",
-        "model": "audio anomaly monitor",
-        "sw_version": __version__,
-    }
-    availability = {"availability_topic": topics.status, "payload_available": "online",
-                    "payload_not_available": "offline"}  # fmt: skip
-    out = []
-    for stream in streams:
-        uid = f"anomalyd_{topics.node}_{stream}".replace("-", "_")
-        configs: dict[str, dict[str, Any]] = {
-            f"binary_sensor/{uid}_anomaly": {
-                "name": f"{stream} anomaly",
-                "state_topic": topics.stream(stream, "state"),
-                "payload_on": "ON",
-                "payload_off": "OFF",
-                "device_class": "problem",
-            },
-            f"sensor/{uid}_score": {
-                "name": f"{stream} anomaly score",
-                "state_topic": topics.stream(stream, "score"),
-                "value_template": "{{ value_json.score }}",
-                "state_class": "measurement",
-            },
-            f"sensor/{uid}_source": {
-                "name": f"{stream} microphone",
-                "state_topic": topics.stream(stream, "source"),
-                "value_template": "{{ value_json.state }}",
-                "device_class": "enum",
-                "options": [s.value for s in SourceState],
-            },
-        }
-        for path, config in configs.items():
-            unique_id = path.split("/", 1)[1]
-            body = {
-                **config,
-                **availability,
-                "unique_id": unique_id,
-                "object_id": unique_id,
-                "device": device,
-            }
-            out.append(Message(f"{discovery_prefix}/{path}/config", json.dumps(body), 1, True, "discovery"))
-    return out

@@ -79,7 +79,16 @@ def _v4(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE events ADD COLUMN normal_clip_path TEXT")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4]
+def _v5(db: sqlite_utils.Database) -> None:
+    """Mute durations set at run time (Home Assistant's number), and the Home Assistant discovery
+    topics published, so that those of streams removed from the config are cleared, after a restart too."""
+    db.execute(
+        "CREATE TABLE mute_minutes (stream TEXT PRIMARY KEY, minutes REAL NOT NULL, set_at TEXT NOT NULL)"
+    )
+    db.execute("CREATE TABLE discovery (topic TEXT PRIMARY KEY, published_at TEXT NOT NULL)")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -37,10 +37,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from anomalyd.config import MqttConfig
-from anomalyd.contract import Topics, as_replayed, discovery_messages
+from anomalyd.contract import Topics, as_replayed
 from anomalyd.errors import CommandError, ConfigError
+from anomalyd.homeassistant import HaStream, discovery_messages
 from anomalyd.marks import MarkCommand, parse_mark_command
-from anomalyd.mutes import MuteCommand, parse_mute_command
+from anomalyd.mutes import MinutesCommand, MuteCommand, parse_minutes_command, parse_mute_command
 from anomalyd.outbox import Delivered, MemoryOutbox, Outbox, Pending
 from anomalyd.records import iso, utc_now
 from anomalyd.throttle import Throttle
@@ -93,6 +94,16 @@ def mute_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> 
         return MuteCommand(stream, 0.0, at, str(exc))
 
 
+def minutes_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> MinutesCommand:
+    """The record for the store's writer from a `mute/minutes/set` message (refused ones say why)."""
+    if retain:
+        return MinutesCommand(stream, 0.0, at, RETAINED_REFUSAL)
+    try:
+        return MinutesCommand(stream, parse_minutes_command(payload), at)
+    except CommandError as exc:
+        return MinutesCommand(stream, 0.0, at, str(exc))
+
+
 def mark_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> MarkCommand:
     """The record for the store's writer from an `event/mark` message (refused ones say why)."""
     if retain:
@@ -101,6 +112,15 @@ def mark_command(stream: str, payload: bytes, retain: bool, at: dt.datetime) -> 
         return MarkCommand(stream, parse_mark_command(payload), at)
     except CommandError as exc:
         return MarkCommand(stream, "", at, str(exc))
+
+
+Parser = Callable[[str, bytes, bool, dt.datetime], MuteCommand | MarkCommand | MinutesCommand]
+# Command topic leaf -> (what log lines call it, its parser)
+PARSERS: dict[str, tuple[str, Parser]] = {
+    "mute/set": ("mute", mute_command),
+    "mute/minutes/set": ("mute duration", minutes_command),
+    "event/mark": ("mark", mark_command),
+}
 
 
 class LinkState(Enum):
@@ -124,7 +144,7 @@ class StoreSink(Protocol):
     @property
     def outbox(self) -> Outbox | None: ...
 
-    def put(self, item: Delivered | MuteCommand | MarkCommand) -> None: ...
+    def put(self, item: Delivered | MuteCommand | MarkCommand | MinutesCommand) -> None: ...
 
 
 @dataclass
@@ -144,7 +164,7 @@ class Publisher:
         config: MqttConfig,
         *,
         node: str,
-        streams: list[str],
+        streams: list[HaStream],
         database: Path,
         sink: StoreSink,
     ) -> None:
@@ -173,6 +193,8 @@ class Publisher:
         self._sent_up_to = 0  # highest outbox id handed to paho on this connection
         self._done: set[int] = set()  # acknowledged ids the writer may not have deleted yet
         self._resend_discovery = False
+        # Discovery waits until every stream's model is known (the service's `set_streams`, once loaded).
+        self._streams_known = all(s.model_id for s in streams)
         self._delay = self._initial_delay()
         self._fast_retry = False  # the last failure was the network's: probe the port while waiting
         self._last_failure = ""  # the last connection failure logged, so that a retry loop logs it once
@@ -211,9 +233,10 @@ class Publisher:
         """The streams' current states are in the outbox: `online` may be published (any thread)."""
         self._ready.set()
 
-    def set_streams(self, streams: list[str]) -> None:
-        """After a reload: discovery and commands follow the new stream list."""
+    def set_streams(self, streams: list[HaStream]) -> None:
+        """Once the streams run, and after each reload: discovery and commands follow this list."""
         self.streams = streams
+        self._streams_known = True
         self._resend_discovery = True
 
     def set_diagnostics(self, payload: str) -> None:
@@ -327,25 +350,16 @@ class Publisher:
             if message.payload == b"online":
                 self._resend_discovery = True
             return
-        marking = self.topics.stream_of_mark(topic)
-        if marking is not None:
-            self._on_command("mark", marking, message, mark_command)
-            return
-        stream = self.topics.stream_of_command(topic)
-        if stream is None:
+        command = self.topics.command_of(topic)
+        if command is None:
             self._ignored(f"a message on unexpected topic {shown(topic)}")
             return
-        self._on_command("mute", stream, message, mute_command)
+        stream, leaf = command
+        self._on_command(*PARSERS[leaf], stream, message)
 
-    def _on_command(
-        self,
-        kind: str,
-        stream: str,
-        message: mqtt.MQTTMessage,
-        parse: Callable[[str, bytes, bool, dt.datetime], MuteCommand | MarkCommand],
-    ) -> None:
+    def _on_command(self, kind: str, parse: Parser, stream: str, message: mqtt.MQTTMessage) -> None:
         """A stream's command to the store's writer, refused ones too (the writer answers them)."""
-        if stream not in self.streams:
+        if stream not in {s.name for s in self.streams}:
             self._ignored(f"a {kind} command for unknown stream {shown(stream)}")
             return
         command = parse(stream, bytes(message.payload), message.retain, utc_now())
@@ -432,6 +446,7 @@ class Publisher:
         self._online = False
         self._early.clear()
         client.subscribe(self.topics.mute_commands, qos=1)
+        client.subscribe(self.topics.minutes_commands, qos=1)
         client.subscribe(self.topics.mark_commands, qos=1)
         if self.config.homeassistant.enabled:
             client.subscribe(f"{self.config.homeassistant.discovery_prefix}/{HA_STATUS_TOPIC_LEAF}", qos=1)
@@ -491,7 +506,7 @@ class Publisher:
         with sqlite3.connect(f"file:{self._database}?mode=ro", uri=True, timeout=10.0) as outbox:
             while not self._stop.is_set() and self.state == LinkState.CONNECTED:
                 self._beat = time.monotonic()
-                if self._resend_discovery:
+                if self._resend_discovery and self._streams_known:
                     self._resend_discovery = False
                     self._publish_discovery()
                 self._publish_diagnostics()

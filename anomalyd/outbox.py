@@ -19,10 +19,13 @@ import threading
 from collections import deque
 from dataclasses import dataclass, replace
 
+from anomalyd.clipfiles import clip_name
+from anomalyd.config import ClipsConfig
 from anomalyd.contract import (
+    ClipRef,
     Message,
     Topics,
-    event_message,
+    event_messages,
     on_off_message,
     score_message,
     source_message,
@@ -159,9 +162,15 @@ class Outbox:
     """Turns what the writer records into MQTT messages, and keeps them within a bound."""
 
     def __init__(
-        self, topics: Topics, max_messages: int, mutes: Mutes, memory_messages: int = MEMORY_MESSAGES
+        self,
+        topics: Topics,
+        max_messages: int,
+        mutes: Mutes,
+        memory_messages: int = MEMORY_MESSAGES,
+        clips: ClipsConfig | None = None,
     ) -> None:
         self.topics = topics
+        self.clips = clips  # the end of an event names its clip when clips are saved (the service updates it)
         self.max_messages = max_messages
         self.mutes = mutes
         self.memory = MemoryOutbox(min(max_messages, memory_messages))
@@ -195,7 +204,7 @@ class Outbox:
             published = not muted
         out: list[Message] = []
         if published:
-            out.append(event_message(self.topics, event))
+            out += self._event_messages(event)
             if event.type == "end":
                 out.append(state_message(self.topics, event))
         elif muted:
@@ -203,10 +212,10 @@ class Outbox:
         else:
             # Not muted (any more): the subscriber learns of the event now, with a start and ON.
             start = event if event.type == "start" else self._as_start(event, event.at)
-            out += [event_message(self.topics, start), state_message(self.topics, start)]
+            out += [*self._event_messages(start), state_message(self.topics, start)]
             published = True
             if event.type == "end":
-                out += [event_message(self.topics, event), state_message(self.topics, event)]
+                out += [*self._event_messages(event), state_message(self.topics, event)]
         if event.type == "end":
             self._open.pop(event.event_id, None)
         else:
@@ -223,10 +232,19 @@ class Outbox:
         for entry in self._open.values():
             if entry.last.stream == stream and not entry.published:
                 start = self._as_start(entry.last, now)
-                out += [event_message(self.topics, start), state_message(self.topics, start)]
+                out += [*self._event_messages(start), state_message(self.topics, start)]
                 entry.published = True
                 events.append(entry.last)
         return out, events
+
+    def _event_messages(self, event: AnomalyEvent) -> list[Message]:
+        """An event's messages; its end names the clip that is being written for it."""
+        clips = self.clips
+        clip = None
+        if event.type == "end" and clips is not None and clips.enabled:
+            file = clip_name(event.stream, event.started_at, event.event_id)
+            clip = ClipRef(file, f"{clips.base_url.rstrip('/')}/{file}" if clips.base_url else None)
+        return event_messages(self.topics, event, clip=clip)
 
     @staticmethod
     def _as_start(event: AnomalyEvent, at: dt.datetime) -> AnomalyEvent:

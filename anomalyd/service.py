@@ -27,14 +27,23 @@ from anomalyd.config import DaemonConfig, config_warnings, load_config
 from anomalyd.contract import Topics
 from anomalyd.control import ControlServer
 from anomalyd.errors import AnomalydError, ControlError
+from anomalyd.homeassistant import HaStream, discovery_messages
 from anomalyd.marks import MarkOp
 from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
 from anomalyd.pipeline import Pipeline
 from anomalyd.records import utc_now
 from anomalyd.sources.mic import MicIO
-from anomalyd.status import LagWatch, Snapshot, diagnostics_payload, stamped, summary, take_snapshot
-from anomalyd.store import Mutes, Outbox, StoreWriter
+from anomalyd.status import (
+    LagWatch,
+    Snapshot,
+    diagnostics_payload,
+    outbox_backlog,
+    stamped,
+    summary,
+    take_snapshot,
+)
+from anomalyd.store import Mutes, Outbox, Roster, StoreWriter
 from anomalyd.tap import RecordOp
 
 logger = logging.getLogger(__name__)
@@ -110,7 +119,10 @@ class Daemon:
         outbox = None
         if config.mqtt.enabled:
             outbox = Outbox(
-                Topics(config.mqtt.prefix, config.node_id), config.mqtt.outbox_max_messages, Mutes()
+                Topics(config.mqtt.prefix, config.node_id),
+                config.mqtt.outbox_max_messages,
+                Mutes(),
+                clips=config.storage.clips,
             )
         try:
             store = StoreWriter(config.storage, outbox)
@@ -134,6 +146,7 @@ class Daemon:
             return EXIT_ERROR
         self._publisher = publisher
         if publisher is not None:
+            self._announce_streams(config, pipeline, store, publisher)
             # `online` only after each stream's current state is in the outbox, so that nothing shows the
             # last state from before a crash again when the node comes back.
             pipeline.wait_stated(2.0)
@@ -190,10 +203,23 @@ class Daemon:
         return Publisher(
             config.mqtt,
             node=config.node_id,
-            streams=[s.name for s in config.streams],
+            streams=[HaStream(s.name, "", s.area) for s in config.streams],  # models: once loaded
             database=config.storage.database,
             sink=store,
         )
+
+    @staticmethod
+    def _announce_streams(
+        config: DaemonConfig, pipeline: Pipeline, store: StoreWriter, publisher: Publisher
+    ) -> None:
+        """The running streams (at start, after a reload) to Home Assistant discovery and to the store's
+        writer, which restates mute states and clears the discovery of streams no longer configured."""
+        models = {r.name: r.model.bundle.meta.model_id for r in pipeline.streams()}
+        streams = [HaStream(s.name, models.get(s.name, ""), s.area) for s in config.streams]
+        publisher.set_streams(streams)
+        ha = config.mqtt.homeassistant
+        wanted = discovery_messages(publisher.topics, streams, ha.discovery_prefix) if ha.enabled else []
+        store.put(Roster({s.name: s.mute_minutes for s in config.streams}, tuple(m.topic for m in wanted)))
 
     def _serve(self, pipeline: Pipeline, store: StoreWriter) -> None:
         watchdog = self._notifier.watchdog_interval
@@ -238,8 +264,11 @@ class Daemon:
             if fixed:
                 logger.warning("reload: changes to %s take effect at the next restart", ", ".join(fixed))
             changes = pipeline.reload(config)
+            assert self._store is not None
+            if self._store.outbox is not None:
+                self._store.outbox.clips = config.storage.clips
             if self._publisher is not None:
-                self._publisher.set_streams([s.name for s in config.streams])
+                self._announce_streams(config, pipeline, self._store, self._publisher)
         except AnomalydError as exc:
             logger.error("reload refused, the running configuration stays: %s", str(exc).replace("\n", "; "))
         except Exception:  # a reload must never take monitoring down: the running configuration stays
@@ -260,6 +289,8 @@ class Daemon:
             windows_scored=pipeline.windows_scored,
             blocks_dropped=pipeline.blocks_dropped,
             storage=self._store.status(),
+            events_today=self._store.events_today(utc_now()),
+            outbox_backlog=outbox_backlog(pipeline.config.storage.database) if link is not None else 0,
             mqtt=None if link is None else link.state.value,
             mqtt_detail="" if link is None else link.detail,
         )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import sqlite3
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from anomalyd.records import iso
 from anomalyd.store import StoreStatus
@@ -37,6 +39,8 @@ class Snapshot:
     blocks_dropped: int
     max_lag_seconds: float
     storage: StoreStatus
+    events_today: int = 0  # events started since local midnight
+    outbox_backlog: int = 0  # MQTT messages not yet acknowledged by the broker
     mqtt: str | None = None  # link state, None without MQTT
     mqtt_detail: str = ""  # the last connection failure while not connected
 
@@ -55,6 +59,8 @@ def take_snapshot(
     storage: StoreStatus,
     mqtt: str | None,
     mqtt_detail: str = "",
+    events_today: int = 0,
+    outbox_backlog: int = 0,
 ) -> Snapshot:
     views = []
     for runtime in runtimes:
@@ -70,8 +76,23 @@ def take_snapshot(
             )
         )
     return Snapshot(
-        now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, storage, mqtt, mqtt_detail
-    )
+        now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, storage, events_today,
+        outbox_backlog, mqtt, mqtt_detail,
+    )  # fmt: skip
+
+
+def outbox_backlog(database: Path) -> int:
+    """MQTT messages waiting in the outbox table (0 when it cannot be read now)."""
+    try:
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=0.5)
+    except sqlite3.Error:
+        return 0
+    try:
+        return int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
 
 
 def summary(snapshot: Snapshot) -> str:
@@ -102,6 +123,12 @@ def diagnostics_payload(snapshot: Snapshot, node: str) -> dict[str, object]:
         "mqtt": snapshot.mqtt,
         "storage": snapshot.storage.as_dict(),
         "blocks_dropped": snapshot.blocks_dropped,
+        "outbox_backlog": snapshot.outbox_backlog + snapshot.storage.messages_pending,
+        "events_today": snapshot.events_today,
+        "streams_unhealthy": sum(s.source != "ok" or s.lagging for s in snapshot.streams),
+        "lag_seconds": max(
+            (round(s.lag_seconds, 1) for s in snapshot.streams if s.lag_seconds is not None), default=None
+        ),
         "max_lag_seconds": snapshot.max_lag_seconds,
         "streams": {
             s.name: {

@@ -25,10 +25,10 @@ from typing import Any
 import soundfile as sf
 import sqlite_utils
 
-from anomalyd.backlog import Backlog, ClipRow, EventRow, MuteRow, Row, StatusRow, apply_rows
+from anomalyd.backlog import Backlog, ClipRow, EventRow, MinutesRow, MuteRow, Row, StatusRow, apply_rows
 from anomalyd.clipfiles import remove_partial_clips, save_clip
 from anomalyd.config import StorageConfig
-from anomalyd.contract import Message, event_message, marked_message, mute_message, state_message
+from anomalyd.contract import Message, event_messages, marked_message, mute_message, state_message
 from anomalyd.database import (
     EVENT_COLUMNS,
     SCHEMA_VERSION,
@@ -40,18 +40,21 @@ from anomalyd.database import (
 )
 from anomalyd.errors import MarkError, StoreError
 from anomalyd.marks import MarkCommand, mark_normal
-from anomalyd.mutes import MAX_MUTE_SECONDS, MuteCommand, Mutes, load_mutes, save_mute
+from anomalyd.mutes import MAX_MUTE_SECONDS, MinutesCommand, MuteCommand, Mutes, load_mutes, save_mute
 from anomalyd.outbox import Delivered, Outbox
 from anomalyd.records import AlarmState, AnomalyEvent, ClipJob, ScoreReport, SourceStatus, iso, utc_now
+from anomalyd.roster import Roster, RosterMemory, apply_roster
 from anomalyd.throttle import Throttle
 
 __all__ = [
     "EVENT_COLUMNS",
     "SCHEMA_VERSION",
     "Delivered",
+    "MinutesCommand",
     "MuteCommand",
     "Mutes",
     "Outbox",
+    "Roster",
     "StoreError",
     "StoreStatus",
     "StoreWriter",
@@ -95,7 +98,16 @@ class StoreStatus:
 
 
 Item = (
-    AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState | Delivered | MuteCommand | MarkCommand
+    AnomalyEvent
+    | SourceStatus
+    | ClipJob
+    | ScoreReport
+    | AlarmState
+    | Delivered
+    | MuteCommand
+    | MarkCommand
+    | MinutesCommand
+    | Roster
 )
 
 
@@ -141,9 +153,22 @@ def close_interrupted(conn: sqlite3.Connection, outbox: Outbox | None, now: dt.d
                 end = _interrupted_end(row, now)
                 outbox.add(
                     conn,
-                    [event_message(outbox.topics, end, replayed=True), state_message(outbox.topics, end)],
+                    [*event_messages(outbox.topics, end, replayed=True), state_message(outbox.topics, end)],
                 )
     return len(rows)
+
+
+def _local_midnight(now: dt.datetime) -> dt.datetime:
+    local = now.astimezone()
+    return local.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _events_since(conn: sqlite3.Connection, since: dt.datetime) -> tuple[dt.date, int]:
+    """(the local day of `since`, events started since then) from the event log."""
+    count = conn.execute(
+        "SELECT count(*) FROM events WHERE started_at >= ?", [iso(since.astimezone(dt.UTC))]
+    ).fetchone()[0]
+    return since.date(), int(count)
 
 
 def restore_mutes(conn: sqlite3.Connection, outbox: Outbox, now: dt.datetime) -> None:
@@ -178,6 +203,8 @@ class StoreWriter:
                 interrupted = close_interrupted(self._conn, outbox, now)
                 if outbox is not None:
                     restore_mutes(self._conn, outbox, now)
+            self._roster = RosterMemory.load(self._conn)
+            self._today = _events_since(self._conn, _local_midnight(now))
         except (OSError, sqlite3.Error) as exc:
             self.db.close()
             raise StoreError(
@@ -341,9 +368,16 @@ class StoreWriter:
             rows = self._save_clip(item)
         elif isinstance(item, MuteCommand):
             rows, messages = self._mute(item, now)
+        elif isinstance(item, MinutesCommand):
+            rows, messages = self._minutes(item, now)
+        elif isinstance(item, Roster):
+            if self.outbox is not None:
+                rows, messages = apply_roster(item, self._roster, self.outbox, now)
         elif isinstance(item, MarkCommand):
             messages = self._mark(item, now)
         elif isinstance(item, AnomalyEvent):
+            if item.type == "start":
+                self._count_event(item.started_at)
             published = False
             if self.outbox is not None:
                 messages, published = self.outbox.for_event(item, now)
@@ -400,23 +434,58 @@ class StoreWriter:
         if outbox is None:
             return [], []
         refused = command.refused
-        if not refused and not (math.isfinite(command.seconds) and 0 <= command.seconds <= MAX_MUTE_SECONDS):
+        minutes = outbox.mutes.minutes(command.stream)
+        seconds = command.seconds
+        if seconds is None:  # "on": for the stream's mute duration
+            seconds = (minutes or 0.0) * 60.0
+            if not refused and minutes is None:
+                refused = "this stream has no mute duration; give the seconds"
+        if not refused and not (math.isfinite(seconds) and 0 <= seconds <= MAX_MUTE_SECONDS):
             refused = f"expected 0 to {MAX_MUTE_SECONDS} s"
         if refused:
             current = outbox.mutes.until(command.stream, now)
-            return [], [mute_message(outbox.topics, command.stream, current, now, refused=refused)]
-        until = now + dt.timedelta(seconds=command.seconds) if command.seconds > 0 else None
+            return [], [
+                mute_message(outbox.topics, command.stream, current, now, minutes=minutes, refused=refused)
+            ]
+        until = now + dt.timedelta(seconds=seconds) if seconds > 0 else None
         outbox.mutes.set(command.stream, until)
         logger.warning(
             "stream %s: new alerts %s", command.stream, f"muted until {iso(until)}" if until else "unmuted"
         )
         rows: list[Row] = [MuteRow(command.stream, until, now)]
-        messages = [mute_message(outbox.topics, command.stream, until, now)]
+        messages = [mute_message(outbox.topics, command.stream, until, now, minutes=minutes)]
         if until is None:
             lifted, events = outbox.lifted(command.stream, now)
             messages += lifted
             rows += [EventRow(event, True) for event in events]
         return rows, messages
+
+    def _minutes(self, command: MinutesCommand, now: dt.datetime) -> tuple[list[Row], list[Message]]:
+        """A stream's new mute duration: kept in the event log, acknowledged on its mute topic."""
+        outbox = self.outbox
+        if outbox is None:
+            return [], []
+        rows: list[Row] = []
+        if not command.refused:
+            outbox.mutes.set_minutes(command.stream, command.minutes)
+            self._roster.minutes[command.stream] = command.minutes
+            rows.append(MinutesRow(command.stream, command.minutes, now))
+            logger.info("stream %s: mute duration set to %g min", command.stream, command.minutes)
+        until = outbox.mutes.until(command.stream, now)
+        minutes = outbox.mutes.minutes(command.stream)
+        return rows, [
+            mute_message(outbox.topics, command.stream, until, now, minutes=minutes, refused=command.refused)
+        ]
+
+    def _count_event(self, started_at: dt.datetime) -> None:
+        day = started_at.astimezone().date()
+        count = self._today[1] if self._today[0] == day else 0
+        self._today = (day, count + 1)
+
+    def events_today(self, now: dt.datetime) -> int:
+        """Events that started since local midnight (safe to call from any thread)."""
+        day, count = self._today
+        return count if day == now.astimezone().date() else 0
 
     def _mark(self, command: MarkCommand, now: dt.datetime) -> list[Message]:
         """Mark an event a false alarm (its own transaction); returns the answer for the sender."""
@@ -467,7 +536,8 @@ class StoreWriter:
             outbox.mutes.set(stream, None)
             logger.info("stream %s: mute expired; new alerts are published again", stream)
             rows: list[Row] = [MuteRow(stream, None, now)]
-            messages = [mute_message(outbox.topics, stream, None, now, reason="expired")]
+            minutes = outbox.mutes.minutes(stream)
+            messages = [mute_message(outbox.topics, stream, None, now, minutes=minutes, reason="expired")]
             lifted, events = outbox.lifted(stream, now)
             rows += [EventRow(event, True) for event in events]
             self._commit(rows, messages + lifted, (), now)

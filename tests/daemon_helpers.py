@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,20 +27,27 @@ def write_recording(
     return path
 
 
-def write_config(path: Path, bundle: Path, streams: dict[str, dict[str, object]], extra: str = "") -> Path:
-    """A daemon config with file-replay streams: {name: {path, realtime, loop, detector keys...}}."""
-    lines = [extra, "[storage]", 'database = "events.db"', "[storage.clips]", 'directory = "clips"']
+STREAM_KEYS = (
+    "area",
+    "mute_minutes",
+)  # keys of the stream's own table; the rest are the source's or detector's
+
+
+def write_config(
+    path: Path, bundle: Path, streams: dict[str, dict[str, object]], extra: str = "", clips: str = ""
+) -> Path:
+    """A daemon config with file-replay streams: {name: {path, realtime, loop, area, detector keys...}};
+    `clips`: more lines for [storage.clips]."""
+    lines = [extra, "[storage]", 'database = "events.db"', "[storage.clips]", 'directory = "clips"', clips]
+    if "[control]" not in extra:  # its own control socket: never another test's daemon
+        lines += ["[control]", 'socket = "control.sock"']
     for name, spec in streams.items():
-        lines += [
-            "[[streams]]",
-            f'name = "{name}"',
-            f'bundle = "{bundle}"',
-            "[streams.source]",
-            'type = "file"',
-        ]
+        lines += ["[[streams]]", f'name = "{name}"', f'bundle = "{bundle}"']
+        lines += [f"{k} = {json.dumps(spec[k])}" for k in STREAM_KEYS if k in spec]
+        lines += ["[streams.source]", 'type = "file"']
         lines += [f'path = "{spec["path"]}"', f"realtime = {str(spec.get('realtime', False)).lower()}"]
         lines += [f"loop = {str(spec.get('loop', False)).lower()}"]
-        detector = {k: v for k, v in spec.items() if k not in ("path", "realtime", "loop")}
+        detector = {k: v for k, v in spec.items() if k not in ("path", "realtime", "loop", *STREAM_KEYS)}
         if detector:
             lines.append("[streams.detector]")
             lines += [f"{k} = {v}" for k, v in detector.items()]
@@ -60,6 +68,23 @@ class DaemonProcess:
             [*user, sys.executable, "-m", "anomalyd", "run", "--config", str(config)],
             stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
         )  # fmt: skip
+
+    def __enter__(self) -> DaemonProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:  # a failed test: leave no daemon behind
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 15.0) -> str:
+        """SIGTERM, as systemd stops it: it must exit 0 within `timeout`, without a traceback. Its log."""
+        self.signal(signal.SIGTERM)
+        status = self.wait_exit(timeout)
+        log = self.log
+        assert status == 0, log
+        assert "Traceback" not in log, log
+        return log
 
     @property
     def log(self) -> str:

@@ -15,7 +15,7 @@ import jsonschema
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from anomalyd.contract import load_schema
+from anomalyd.contract import load_schema, schema_for
 
 USER, PASSWORD = "anomalyd", "s3cret-pass"
 WATCHER, WATCHER_PASSWORD = "watcher", "watch-pass"
@@ -147,6 +147,19 @@ class Subscriber:
             time.sleep(0.05)
         raise AssertionError(f"{len(self.on(suffix))} of {count} messages on *{suffix} within {timeout} s")
 
+    def wait_quiet(self, quiet: float, timeout: float = 10.0) -> None:
+        """Wait until nothing new has arrived for `quiet` seconds (retained messages come in a burst)."""
+        deadline = time.monotonic() + timeout
+        seen, since = -1, time.monotonic()
+        while time.monotonic() < deadline:
+            with self._lock:
+                count = len(self.messages)
+            if count != seen:
+                seen, since = count, time.monotonic()
+            elif time.monotonic() - since >= quiet:
+                return
+            time.sleep(0.05)
+
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
@@ -154,9 +167,20 @@ class Subscriber:
 
 def validate(message: Received) -> None:
     """Check a received payload against the project's JSON Schema for its topic."""
-    leaf = message.topic.rsplit("/", 1)[1]
-    if leaf in ("state", "status"):
-        jsonschema.validate(message.payload, load_schema(leaf))
-    elif leaf in ("event", "score", "source", "mute", "marked"):
-        jsonschema.validate(json.loads(message.payload), load_schema(leaf),
+    name = schema_for(message.topic)
+    if name in ("state", "status"):
+        jsonschema.validate(message.payload, load_schema(name))
+    elif name is not None:
+        jsonschema.validate(json.loads(message.payload), load_schema(name),
                             format_checker=jsonschema.FormatChecker())  # fmt: skip
+
+
+def daemon_mqtt(folder: Path, broker: Broker, node: str = "edge1") -> str:
+    """Config lines for a daemon publishing to `broker` (its password in a file in `folder`), quick to
+    reconnect and to publish scores."""
+    (folder / "pw").write_text(PASSWORD + "\n")
+    return (
+        f'node = "{node}"\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\n'
+        f'username = "{USER}"\npassword_file = "pw"\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n'
+        "score_interval_seconds = 1.0\n"
+    )

@@ -58,7 +58,7 @@ def test_defaults_and_relative_paths(tmp_path: Path) -> None:
         (MINIMAL.replace('"fan-1"', '"fan 1"'), "streams[0].name = 'fan 1': String should match pattern"),
         ("log_level = 'loud'\n" + MINIMAL, "log_level = 'loud': Input should be 'debug', 'info', 'warning' or 'error'"),
         ("[storage]\nretention_days = -1\n" + MINIMAL, "storage.retention_days = -1: Input should be greater than 0"),
-        ("[storage.clips]\nquota = 1\n" + MINIMAL, "storage.clips.quota: unknown key; allowed here: directory, enabled"),
+        ("[storage.clips]\nquota = 1\n" + MINIMAL, "storage.clips.quota: unknown key; allowed here: base_url, directory, enabled"),
         (MINIMAL + MINIMAL, "streams = [{"),
         ("node = 'a'\n", "streams: required key is missing"),
         (MINIMAL.replace('path = "rec.wav"\n', ""), "streams[0].source.path: required key is missing"),

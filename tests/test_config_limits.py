@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from anomalyd import cli
 from anomalyd.config import DaemonConfig, config_warnings, default_node, parse_config
-from anomalyd.contract import Topics, discovery_messages
+from anomalyd.contract import Topics
 from anomalyd.errors import ConfigError
+from anomalyd.homeassistant import HaStream, discovery_messages
+from anomalyd.mutes import MAX_MUTE_SECONDS
 from tests.test_config import MINIMAL
 
 # What Home Assistant accepts in a discovery topic: <prefix>/<component>/[<node_id>/]<object_id>/config
@@ -124,6 +126,7 @@ NUMERIC_KEYS = {
              "retry_initial_seconds", "retry_max_seconds"],
     "streams.detector": ["n", "m", "hold_off_windows", "cooldown_seconds", "update_seconds", "k", "threshold"],
     "streams.source": ["channel", "block_seconds"],
+    "streams": ["mute_minutes"],
 }  # fmt: skip
 
 NASTY_NUMBERS = (
@@ -173,6 +176,8 @@ def _runtime_arithmetic(config: DaemonConfig) -> None:
     _ = now - dt.timedelta(days=config.storage.retention_days)
     sqlite3.connect(":memory:").execute("SELECT 1 LIMIT ?", [config.storage.max_events]).fetchall()
     for stream in config.streams:
+        _ = now + dt.timedelta(minutes=stream.mute_minutes)
+        assert stream.mute_minutes * 60 <= MAX_MUTE_SECONDS  # what the Mute switch's "on" asks for
         d = stream.detector
         _ = int(d.cooldown_seconds * 48_000) + int(d.update_seconds * 48_000)
         _ = now + dt.timedelta(seconds=d.cooldown_seconds)
@@ -182,9 +187,8 @@ def _runtime_arithmetic(config: DaemonConfig) -> None:
         _ = now + dt.timedelta(seconds=min(initial * 2**40, maximum) * 1.2)
     _ = now + dt.timedelta(seconds=config.mqtt.score_interval_seconds + config.inference.max_lag_seconds)
     topics = Topics(config.mqtt.prefix, config.node_id)
-    for m in discovery_messages(
-        topics, [s.name for s in config.streams], config.mqtt.homeassistant.discovery_prefix
-    ):
+    ha_streams = [HaStream(s.name, "m", s.area) for s in config.streams]
+    for m in discovery_messages(topics, ha_streams, config.mqtt.homeassistant.discovery_prefix):
         match = HA_DISCOVERY_TOPIC.match(m.topic)
         assert match, m.topic
     for topic in (topics.status, topics.stream(config.streams[0].name, "state")):
@@ -217,7 +221,9 @@ def test_fuzzed_configs_are_refused_cleanly_or_safe_to_run(  # noqa: PLR0917
 ) -> None:
     key = data.draw(st.sampled_from(NUMERIC_KEYS[section]))
     body = MINIMAL.replace('"fan-1"', f'"{stream}"').replace('"models/fan"', f'"{bundle_dir}"')
-    if section.startswith("streams."):
+    if section == "streams":
+        body = body.replace('bundle = "', f'{key} = {value}\nbundle = "')
+    elif section.startswith("streams."):
         body += f"[{section}]\n{key} = {value}\n" if section != "streams.source" else ""
         if section == "streams.source":
             body = body.replace('path = "rec.wav"', f'path = "rec.wav"\n{key} = {value}')

@@ -13,25 +13,15 @@ import pytest
 from anomalyd.store import read_events
 from tests.daemon_helpers import DaemonProcess, write_config, write_recording
 from tests.mqtt_helpers import (
-    PASSWORD,
-    USER,
     WATCHER,
     WATCHER_PASSWORD,
     Broker,
     Subscriber,
+    daemon_mqtt,
     validate,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.fault]
-
-
-def _mqtt(tmp_path: Path, broker: Broker) -> str:
-    (tmp_path / "pw").write_text(PASSWORD + "\n")
-    return (
-        f'node = "edge1"\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\n'
-        f'username = "{USER}"\npassword_file = "pw"\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n'
-        "score_interval_seconds = 1.0\n"
-    )
 
 
 def _retained(broker: Broker, topic: str, count: int = 1) -> list[str]:
@@ -59,7 +49,7 @@ def test_sigkill_mid_event_then_restart_ends_it_publicly_and_states_off(
 ) -> None:
     fault = write_recording(tmp_path / "fault.wav", "imbalance", 120.0, onset=1.0)
     normal = write_recording(tmp_path / "normal.wav", "normal", 60.0)
-    mqtt = _mqtt(tmp_path, broker)
+    mqtt = daemon_mqtt(tmp_path, broker)
     config = write_config(tmp_path / "d.toml", bundle_dir, {"fan": {"path": fault, "realtime": True}}, mqtt)
     watcher = Subscriber(broker, "anomalyd/#")
     first = DaemonProcess(config)
@@ -122,7 +112,7 @@ def test_a_mute_during_an_open_event_never_swallows_its_end(
 ) -> None:
     """The maintenance workflow: the alarm is on, the engineer mutes the stream, fixes the machine."""
     fault = write_recording(tmp_path / "fault.wav", "imbalance", 40.0, onset=1.0, until=12.0)
-    mqtt = _mqtt(tmp_path, broker)
+    mqtt = daemon_mqtt(tmp_path, broker)
     config = write_config(tmp_path / "d.toml", bundle_dir, {"fan": {"path": fault, "realtime": True}}, mqtt)
     watcher = Subscriber(broker, "anomalyd/#")
     daemon = DaemonProcess(config)

@@ -20,6 +20,7 @@ import pytest
 
 from anomalyd.config import DaemonConfig, parse_config
 from anomalyd.contract import Topics
+from anomalyd.homeassistant import HaStream
 from anomalyd.mqtt import LinkState, Publisher
 from anomalyd.mutes import Mutes
 from anomalyd.outbox import Outbox
@@ -110,7 +111,7 @@ def test_a_full_disk_loses_no_alert_and_no_event_row(
     outbox = Outbox(Topics("anomalyd", "edge1"), config.mqtt.outbox_max_messages, mutes)
     caplog.set_level(logging.WARNING, logger="anomalyd")
     store = StoreWriter(config.storage, outbox)
-    publisher = Publisher(config.mqtt, node="edge1", streams=["fan"], database=config.storage.database,
+    publisher = Publisher(config.mqtt, node="edge1", streams=[HaStream("fan", "m")], database=config.storage.database,
                           sink=store)  # fmt: skip
     store.start()
     publisher.mark_ready()

@@ -23,6 +23,7 @@ from anomalyd.contract import Topics, load_schema
 from anomalyd.control import ControlClient, ControlServer
 from anomalyd.database import SCHEMA_VERSION, read_events
 from anomalyd.errors import CommandError
+from anomalyd.homeassistant import HaStream
 from anomalyd.marks import MarkCommand, MarkOp, parse_mark_command
 from anomalyd.mqtt import Publisher
 from anomalyd.mutes import Mutes
@@ -155,9 +156,12 @@ def test_mark_commands_that_are_refused(payload: bytes, reason: str) -> None:
 def test_mark_commands_that_are_accepted() -> None:
     assert parse_mark_command(f" {WITH_CLIP.upper()}\n".encode()) == WITH_CLIP
     assert parse_mark_command(b"000000a1") == "000000a1"
-    assert TOPICS.stream_of_mark("anomalyd/edge1/fan/event/mark") == "fan"
-    assert TOPICS.stream_of_mark("anomalyd/edge1/fan/mute/set") is None
-    assert TOPICS.stream_of_command("anomalyd/edge1/fan/event/mark") is None
+    assert TOPICS.command_of("anomalyd/edge1/fan/event/mark") == ("fan", "event/mark")
+    assert TOPICS.command_of("anomalyd/edge1/fan/mute/set") == ("fan", "mute/set")
+    assert TOPICS.command_of("anomalyd/edge1/fan/mute/minutes/set") == ("fan", "mute/minutes/set")
+    assert TOPICS.command_of("anomalyd/edge1/fan/event") is None
+    assert TOPICS.command_of("anomalyd/edge2/fan/event/mark") is None
+    assert TOPICS.command_of("anomalyd/edge1/fan/x/event/mark") is None
 
 
 def _message(topic: str, payload: bytes, retain: bool = False) -> mqtt.MQTTMessage:
@@ -172,7 +176,9 @@ def test_mark_over_mqtt_is_done_by_the_store_writer_and_answered(tmp_path: Path)
     writer.db.execute("DELETE FROM outbox")
     writer.start()
     config = MqttConfig(enabled=True)
-    publisher = Publisher(config, node="edge1", streams=["fan"], database=tmp_path / "events.db", sink=writer)
+    publisher = Publisher(
+        config, node="edge1", streams=[HaStream("fan", "m")], database=tmp_path / "events.db", sink=writer
+    )
     topic = "anomalyd/edge1/fan/event/mark"
     try:
         for payload, retain in ((WITH_CLIP.encode(), False), (WITH_CLIP.encode(), False), (b"nonsense", False),

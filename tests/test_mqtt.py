@@ -16,6 +16,7 @@ import pytest
 
 from anomalyd.config import DaemonConfig, parse_config
 from anomalyd.contract import Topics
+from anomalyd.homeassistant import HaStream
 from anomalyd.mqtt import LinkState, Publisher
 from anomalyd.records import AnomalyEvent, ScoreReport, SourceState, SourceStatus, utc_now
 from anomalyd.store import Mutes, Outbox, StoreWriter, read_events
@@ -54,7 +55,7 @@ class Running:
             Topics(config.mqtt.prefix, config.node_id), config.mqtt.outbox_max_messages, self.mutes
         )
         self.store = StoreWriter(config.storage, self.outbox)
-        self.publisher = Publisher(config.mqtt, node=config.node_id, streams=["fan"],
+        self.publisher = Publisher(config.mqtt, node=config.node_id, streams=[HaStream("fan", "m")],
                                    database=config.storage.database, sink=self.store)  # fmt: skip
         self.store.start()
         self.publisher.mark_ready()  # nothing to state first: no pipeline here
@@ -148,21 +149,21 @@ def test_discovery_scores_health_and_mute_commands(tmp_path: Path, broker: Broke
     running = Running(mqtt_config(tmp_path, broker))
     try:
         running.wait_connected()
-        configs = watcher.wait_for("/config", 3, timeout=10)
-        assert {m.topic for m in configs} == {
+        configs = watcher.wait_for("/config", 12, timeout=10)  # the node's 5 entities and the stream's 7
+        assert {m.topic for m in configs} >= {
             "homeassistant/binary_sensor/anomalyd_edge1_fan_anomaly/config",
             "homeassistant/sensor/anomalyd_edge1_fan_score/config",
             "homeassistant/sensor/anomalyd_edge1_fan_source/config",
         }
-        problem = json.loads(next(m.payload for m in configs if "binary_sensor" in m.topic))
+        problem = json.loads(next(m.payload for m in configs if m.topic.endswith("_fan_anomaly/config")))
         assert problem["device_class"] == "problem"
         assert problem["state_topic"] == "anomalyd/edge1/fan/state"
         assert problem["availability_topic"] == "anomalyd/edge1/status"
         late = Subscriber(broker, "homeassistant/#")  # live copies carry no retain flag; late ones do
-        assert all(m.retain for m in late.wait_for("/config", 3, timeout=10))
+        assert all(m.retain for m in late.wait_for("/config", 12, timeout=10))
         late.close()
         watcher.client.publish("homeassistant/status", "online", qos=1)  # Home Assistant restarted
-        watcher.wait_for("/config", 6, timeout=10)
+        watcher.wait_for("/config", 24, timeout=10)
 
         running.store.put(
             SourceStatus("edge1", "fan", SourceState.SILENT, "level -90.0 dBFS for 10 s", utc_now())
@@ -213,16 +214,17 @@ def test_a_full_outbox_drops_scores_first_and_events_last(tmp_path: Path) -> Non
     store = StoreWriter(config.storage, outbox)  # not started: writes happen here, in order
     for n in range(30):
         store.write(ScoreReport(f"s{n}", 0.1, 0.2, utc_now()))  # 30 streams: 30 scores
-    for n in range(70):
-        store.write(event(n, "update"))  # event messages only (updates carry no state)
+    # Updates carry no ON/OFF; each event message also replaces the stream's one retained last_event.
+    for n in range(69):
+        store.write(event(n, "update"))
     store.write(ScoreReport("s0", 0.3, 0.2, utc_now()))  # replaces the undelivered score of s0
     assert outbox.dropped == {"score": 0, "source": 0, "state": 0, "mute": 0, "discovery": 0, "event": 0}
-    for n in range(70, 110):
+    for n in range(69, 110):
         store.write(event(n, "update"))
     count = store.db.execute("SELECT kind, count(*) FROM outbox GROUP BY kind").fetchall()
     assert dict(count) == {"event": 100}
-    assert outbox.dropped["score"] == 30
-    assert outbox.dropped["event"] == 10
+    # Scores went first, then the retained last_event (each time it came back), then the oldest events.
+    assert (outbox.dropped["score"], outbox.dropped["state"], outbox.dropped["event"]) == (30, 11, 10)
     first = store.db.execute("SELECT event_id FROM outbox ORDER BY id LIMIT 1").fetchone()[0]
     assert first == f"{10:032x}"  # the oldest events went, the newest stayed
     assert len(read_events(tmp_path / "events.db")) == 110  # the local log keeps everything
@@ -323,8 +325,8 @@ def test_garbage_on_the_command_topic_never_drops_the_link_nor_silences_alerts(
             mosquitto_pub(broker, "-m", "-0")
             acks = [json.loads(m.payload) for m in watcher.wait_for("/fan/mute", 4, timeout=10)]
             assert [a["refused"] for a in acks] == [
-                "expected a number of seconds or 'off'", "longer than 32 bytes",
-                "expected a number of seconds or 'off'", "expected a number of seconds or 'off'",
+                "expected a number of seconds, 'on' or 'off'", "longer than 32 bytes",
+                "expected a number of seconds, 'on' or 'off'", "expected a number of seconds, 'on' or 'off'",
             ]  # fmt: skip
             assert all(a["muted"] is False for a in acks)
             running.store.put(event(1))

@@ -18,12 +18,22 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from anomalyd.config import ClipsConfig, MqttConfig, StorageConfig
-from anomalyd.contract import Topics, load_schema
+from anomalyd.contract import Topics, load_schema, schema_for
 from anomalyd.errors import CommandError
+from anomalyd.homeassistant import HaStream
 from anomalyd.mqtt import Publisher
-from anomalyd.mutes import MAX_COMMAND_BYTES, MAX_MUTE_SECONDS, MuteCommand, Mutes, parse_mute_command
+from anomalyd.mutes import (
+    MAX_COMMAND_BYTES,
+    MAX_MUTE_SECONDS,
+    MinutesCommand,
+    MuteCommand,
+    Mutes,
+    parse_minutes_command,
+    parse_mute_command,
+)
 from anomalyd.outbox import Outbox
 from anomalyd.records import AlarmState, AnomalyEvent, ScoreReport, SourceState, SourceStatus, utc_now
+from anomalyd.roster import Roster
 from anomalyd.store import StoreWriter
 
 TOPICS = Topics("anomalyd", "edge1")
@@ -32,9 +42,10 @@ TOPICS = Topics("anomalyd", "edge1")
 @pytest.mark.parametrize(
     ("payload", "seconds"),
     [(b"600", 600.0), (b" 3600\n", 3600.0), (b"0", 0.0), (b"0.0", 0.0), (b"off", 0.0), (b"OFF", 0.0),
-     (b"1.5", 1.5), (b"604800", 604800.0), (b"0604800", 604800.0), (b"604800.000000000000000", 604800.0)],
+     (b"1.5", 1.5), (b"604800", 604800.0), (b"0604800", 604800.0), (b"604800.000000000000000", 604800.0),
+     (b"on", None), (b" On\n", None)],
 )  # fmt: skip
-def test_commands_that_are_accepted(payload: bytes, seconds: float) -> None:
+def test_commands_that_are_accepted(payload: bytes, seconds: float | None) -> None:
     assert parse_mute_command(payload) == seconds
 
 
@@ -54,6 +65,65 @@ def test_commands_that_are_refused(payload: bytes, reason: str) -> None:
         parse_mute_command(payload)
 
 
+@pytest.mark.parametrize(
+    ("payload", "minutes"),
+    [(b"60", 60.0), (b"90.0", 90.0), (b" 1\n", 1.0), (b"10080", 10080.0), (b"2.5", 2.5)],
+)
+def test_mute_durations_that_are_accepted(payload: bytes, minutes: float) -> None:
+    assert parse_minutes_command(payload) == minutes
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [(b"0", "expected 1 to 10080"), (b"0.5", "expected 1 to 10080"), (b"10081", "expected 1 to 10080"),
+     (b"9" * 32, "expected 1 to 10080"), (b"-5", "expected a number"), (b"inf", "expected a number"),
+     (b"nan", "expected a number"), (b"1e3", "expected a number"), (b"on", "expected a number"),
+     (b"", "empty"), (b"\xff", "not ASCII"), (b"1" * 33, "longer than 32 bytes")],
+)  # fmt: skip
+def test_mute_durations_that_are_refused(payload: bytes, reason: str) -> None:
+    with pytest.raises(CommandError, match=reason):
+        parse_minutes_command(payload)
+
+
+def test_on_mutes_for_the_stream_duration_and_durations_outlive_a_restart(tmp_path: Path) -> None:
+    writer = make_writer(tmp_path)
+    assert writer.outbox is not None
+    writer.write(MuteCommand("fan", None, utc_now()))  # no roster yet: no duration known
+    refused = json.loads(last(writer, "mute"))
+    assert (refused["muted"], refused["minutes"]) == (False, None)
+    assert "no mute duration" in refused["refused"]
+    writer.write(Roster({"fan": 60.0, "pump": 15.0}))
+    stated = {json.loads(p)["stream"]: json.loads(p) for leaf, _, p in outbox_rows(writer) if leaf == "mute"}
+    assert (stated["pump"]["minutes"], stated["pump"]["muted"], stated["pump"]["reason"]) == (
+        15.0,
+        False,
+        "restored",
+    )
+    writer.write(MinutesCommand("fan", 90.0, utc_now()))
+    assert json.loads(last(writer, "mute"))["minutes"] == 90.0
+    writer.write(MuteCommand("fan", None, utc_now()))
+    state = json.loads(last(writer, "mute"))
+    assert (state["muted"], state["minutes"], state["refused"]) == (True, 90.0, None)
+    until = dt.datetime.fromisoformat(state["until"])
+    assert dt.timedelta(minutes=89) < until - utc_now() <= dt.timedelta(minutes=90)
+    writer.write(MinutesCommand("fan", 0.0, utc_now(), "expected 1 to 10080 minutes"))
+    answer = json.loads(last(writer, "mute"))
+    assert (answer["minutes"], answer["muted"], answer["refused"]) == (
+        90.0,
+        True,
+        "expected 1 to 10080 minutes",
+    )
+    validate_all(writer)
+    writer.stop(1.0)
+
+    again = make_writer(tmp_path)
+    again.write(Roster({"fan": 60.0, "pump": 15.0}))  # the config's durations: the one set at run time wins
+    stated = {json.loads(p)["stream"]: json.loads(p) for leaf, _, p in outbox_rows(again) if leaf == "mute"}
+    assert (stated["fan"]["minutes"], stated["fan"]["muted"]) == (90.0, True)
+    assert stated["pump"]["minutes"] == 15.0
+    again.stop(1.0)
+
+
 def _check_parse(payload: bytes) -> None:
     try:
         seconds = parse_mute_command(payload)
@@ -64,6 +134,9 @@ def _check_parse(payload: bytes) -> None:
     if reason:
         assert len(reason) <= 80
         assert reason.isascii()
+        return
+    if seconds is None:  # "on": the stream's mute duration
+        assert payload.strip().lower() == b"on"
         return
     assert math.isfinite(seconds)
     assert 0 <= seconds <= MAX_MUTE_SECONDS
@@ -129,12 +202,13 @@ def mute(stream: str, seconds: float, refused: str = "") -> MuteCommand:
 
 def validate_all(writer: StoreWriter) -> None:
     for leaf, _, payload in outbox_rows(writer):
-        if leaf in ("event", "mute", "score", "source"):
-            jsonschema.validate(
-                json.loads(payload), load_schema(leaf), format_checker=jsonschema.FormatChecker()
-            )
-        elif leaf == "state":
+        name = schema_for(leaf)
+        if name == "state":
             jsonschema.validate(payload, load_schema("state"))
+        elif name is not None:
+            jsonschema.validate(
+                json.loads(payload), load_schema(name), format_checker=jsonschema.FormatChecker()
+            )
 
 
 def test_the_end_of_an_event_announced_before_a_mute_is_always_published(tmp_path: Path) -> None:
@@ -241,10 +315,10 @@ def test_mutes_outlive_a_restart_and_those_that_ran_out_meanwhile_are_acknowledg
 def test_a_refused_command_restates_the_true_mute_state(tmp_path: Path) -> None:
     writer = make_writer(tmp_path)
     writer.write(mute("fan", 600))
-    writer.write(mute("fan", 0, refused="expected a number of seconds or 'off'"))
+    writer.write(mute("fan", 0, refused="expected a number of seconds, 'on' or 'off'"))
     ack = json.loads(last(writer, "mute"))
     assert ack["muted"] is True
-    assert ack["refused"] == "expected a number of seconds or 'off'"
+    assert ack["refused"] == "expected a number of seconds, 'on' or 'off'"
     writer.write(mute("fan", math.inf))  # a record that skipped the parser is refused all the same
     assert json.loads(last(writer, "mute"))["refused"] == f"expected 0 to {MAX_MUTE_SECONDS} s"
     assert writer.outbox is not None
@@ -301,7 +375,9 @@ def test_fuzzed_command_messages_through_the_handler_and_the_writer(
     writer = make_writer(tmp_path)
     writer.start()
     config = MqttConfig(enabled=True, retry_initial_seconds=0.2, retry_max_seconds=1.0)
-    publisher = Publisher(config, node="edge1", streams=["fan"], database=tmp_path / "events.db", sink=writer)
+    publisher = Publisher(
+        config, node="edge1", streams=[HaStream("fan", "m")], database=tmp_path / "events.db", sink=writer
+    )
     seen = 0
 
     @seed(11)
