@@ -71,7 +71,7 @@ HA_PYTHON ?= $(shell for p in "$$(command -v python3.13)" $(HOME)/.pyenv/version
 
 ha-setup: $(HA_STAMP)
 
-$(HA_STAMP):
+$(HA_STAMP): Makefile
 	@test -n "$(HA_PYTHON)" || { echo "make test-ha: Home Assistant $(HA_VERSION) needs Python 3.13, and neither" \
 	  "python3.13 nor ~/.pyenv/versions/3.13*/bin/python3.13 runs; install one or set HA_PYTHON=/path/to/python3.13" >&2; \
 	  exit 1; }
