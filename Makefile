@@ -12,6 +12,18 @@ DEMO := demo-out
 
 .PHONY: setup system-deps demo test lint typecheck bench clean ha-setup test-ha
 
+# A real Home Assistant for the tests, in its own virtual environment: the newest release Python 3.13
+# runs (later ones need Python >= 3.14.2), plus what the integrations it loads install at run time (MQTT's
+# client; the frontend, which HA loads whatever the config), so that it never fetches anything at start.
+HA_VERSION := 2025.4.4
+HA_RUNTIME := paho-mqtt==2.1.0 home-assistant-frontend==20250411.0
+HA_VENV := .ha-venv
+HA_STAMP := $(HA_VENV)/.installed-$(HA_VERSION)
+HA_PYTHON ?= $(shell for p in "$$(command -v python3.13)" $(HOME)/.pyenv/versions/3.13*/bin/python3.13 \
+    /root/.pyenv/versions/3.13*/bin/python3.13; do \
+    "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null && { echo "$$p"; break; }; \
+  done)
+
 setup: $(STAMP)
 
 system-deps:
@@ -54,20 +66,9 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy anomalyd training fixtures
 
-test: lint typecheck
-	$(BIN)/python -m pytest
-
-# A real Home Assistant for `make test-ha`, in its own virtual environment: the newest release Python 3.13
-# runs (later ones need Python >= 3.14.2), plus what the integrations it loads install at run time (MQTT's
-# client; the frontend, which HA loads whatever the config), so that it never fetches anything at start.
-HA_VERSION := 2025.4.4
-HA_RUNTIME := paho-mqtt==2.1.0 home-assistant-frontend==20250411.0
-HA_VENV := .ha-venv
-HA_STAMP := $(HA_VENV)/.installed-$(HA_VERSION)
-HA_PYTHON ?= $(shell for p in "$$(command -v python3.13)" $(HOME)/.pyenv/versions/3.13*/bin/python3.13 \
-    /root/.pyenv/versions/3.13*/bin/python3.13; do \
-    "$$p" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null && { echo "$$p"; break; }; \
-  done)
+# Everything, the real Home Assistant included (the set-up of its environment is a minute once).
+test: lint typecheck $(HA_STAMP)
+	ANOMALYD_HA_VENV=$(abspath $(HA_VENV)) $(BIN)/python -m pytest -m 'homeassistant or not homeassistant'
 
 ha-setup: $(HA_STAMP)
 
@@ -83,7 +84,7 @@ $(HA_STAMP): Makefile
 	  -c $$($(HA_VENV)/bin/python -c 'import homeassistant, os; print(os.path.dirname(homeassistant.__file__))')/package_constraints.txt
 	touch $(HA_STAMP)
 
-# Not part of `make test`: it installs Home Assistant (~1 GB) and runs it against the daemon.
+# Only the check against a real Home Assistant (also part of `make test`).
 test-ha: $(STAMP) $(HA_STAMP)
 	ANOMALYD_HA_VENV=$(abspath $(HA_VENV)) $(BIN)/python -m pytest -m homeassistant -s tests/test_homeassistant_real.py
 

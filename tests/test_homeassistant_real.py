@@ -50,7 +50,11 @@ def stream_entities(stream: str) -> dict[str, dict[str, Any]]:
         f"sensor.{u}_score": {"name": "Anomaly score", "device_class": None, "category": None},
         f"event.{u}_event": {"name": "Anomaly event", "device_class": None, "category": None},
         f"switch.{u}_mute": {"name": "Mute", "device_class": None, "category": "config"},
-        f"number.{u}_mute_minutes": {"name": "Mute duration", "device_class": None, "category": "config"},
+        f"number.{u}_mute_minutes": {
+            "name": "Mute duration",
+            "device_class": "duration",
+            "category": "config",
+        },
         f"sensor.{u}_source": {"name": "Microphone", "device_class": "enum", "category": "diagnostic"},
         f"sensor.{u}_lag": {"name": "Lag", "device_class": "duration", "category": "diagnostic"},
     }
@@ -273,13 +277,16 @@ def problem_attributes(ha: HomeAssistant, state: str) -> dict[str, Any]:
 
 
 def check_event_entity(recorder: StateRecorder, event_id: str) -> None:
-    """The event entity fired `start` and later `end` for the event (what automations trigger on); the
-    event's fields, where it carries them, name that event."""
+    """The event entity fired `start` and later `end` for the event (what automations trigger on), with
+    the event's id, peak and threshold, and on the end its reason and clip."""
     fired = [c.attributes for c in recorder.of(EVENT) if c.attributes.get("event_type")]
     kinds = [a["event_type"] for a in fired]
     assert "start" in kinds, fired
     assert "end" in kinds[kinds.index("start") :], fired
-    assert all(a.get("event_id", event_id) == event_id for a in fired), fired
+    assert all(a["event_id"] == event_id and a["peak_score"] > 0 and a["threshold"] > 0 for a in fired), fired
+    end = next(a for a in fired if a["event_type"] == "end")
+    assert end["reason"] == "recovered", end
+    assert str(end["clip"]).endswith(f"-{event_id[:8]}.wav"), end
 
 
 def check_mute(ha: HomeAssistant, broker: Broker) -> None:
@@ -297,6 +304,16 @@ def check_mute(ha: HomeAssistant, broker: Broker) -> None:
     ha.call_service("switch", "turn_off", entity_id=MUTE)
     ha.wait_for(lambda: ha.state(MUTE) == "off", 30, "the mute switch off")
     assert json.loads(retained(broker, topic)[topic])["muted"] is False
+    # A short mute from elsewhere (a shell, Node-RED): the switch shows it, and turns off when it runs out.
+    shell = Subscriber(broker, topic)
+    try:
+        shell.client.publish(f"{topic}/set", "3", qos=1)
+        ha.wait_for(lambda: ha.state(MUTE) == "on", 30, "the switch on for a 3 s mute")
+        ran_out = ha.wait_for(lambda: ha.state(MUTE) == "off", 30, "the switch off when the mute runs out")
+    finally:
+        shell.close()
+    assert json.loads(retained(broker, topic)[topic])["reason"] == "expired"
+    print(f"a 3 s mute: the switch turned off by itself {ran_out:.1f} s after it showed on")
 
 
 def check_kill_and_restart(
