@@ -204,11 +204,14 @@ def read_events(
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise StoreError(f"{path}: schema version {version} is newer than this anomalyd's")
-            if version == 0:
-                return []  # the daemon is creating it right now: no events yet
+            # An older schema (a daemon migrating it right now, or not run since an upgrade): columns it
+            # does not have yet read as NULL; before the events table exists there are no events.
+            present = {row[1] for row in conn.execute("PRAGMA table_info(events)")}
+            if version == 0 or not present:
+                return []
+            columns = ", ".join(c if c in present else f"NULL AS {c}" for c in EVENT_COLUMNS)
             rows = conn.execute(
-                f"SELECT {', '.join(EVENT_COLUMNS)} FROM events {where} ORDER BY started_at, updated_at",
-                params,
+                f"SELECT {columns} FROM events {where} ORDER BY started_at, updated_at", params
             ).fetchall()
         finally:
             conn.close()

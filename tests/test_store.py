@@ -206,6 +206,9 @@ def test_a_database_without_published_flags_and_mutes_is_migrated(tmp_path: Path
                          "started_at": "2025-01-01T00:00:00.000+00:00", "updated_at": "2025-01-01T00:00:00.000+00:00"})  # fmt: skip
     conn.commit()
     conn.close()
+    # Readers (`anomalyd events`, a daemon migrating it right now) see its events, later columns as null.
+    (old,) = read_events(tmp_path / "events.db")
+    assert (old["event_id"], old["marked_normal_at"], old["clip_path"]) == ("old", None, None)
     writer = StoreWriter(storage(tmp_path))
     assert writer.db.execute("SELECT event_id, published FROM events").fetchall() == [("old", 1)]
     assert writer.db.execute("SELECT count(*) FROM mutes").fetchone() == (0,)
