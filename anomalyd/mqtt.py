@@ -506,7 +506,7 @@ class Publisher:
         with sqlite3.connect(f"file:{self._database}?mode=ro", uri=True, timeout=10.0) as outbox:
             while not self._stop.is_set() and self.state == LinkState.CONNECTED:
                 self._beat = time.monotonic()
-                if self._resend_discovery and self._streams_known:
+                if self._resend_discovery and self._streams_known and self.config.homeassistant.enabled:
                     self._resend_discovery = False
                     self._publish_discovery()
                 self._publish_diagnostics()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,16 @@ def test_streams_removed_from_the_config_leave_home_assistant_on_reload_and_afte
         again.signal(signal.SIGHUP)
         _wait_discovered(broker, again, lambda ids: ids == _discovered_ids(["fan", "pump"]))
         again.stop()
+
+    # Discovery turned off: everything published before is cleared, and nothing is published again.
+    write_config(config, bundle_dir, {"fan": spec}, mqtt + "[mqtt.homeassistant]\nenabled = false\n")
+    with DaemonProcess(config) as off:
+        _wait_discovered(broker, off, lambda ids: not ids)
+        off.wait_log("clearing")
+        time.sleep(2.0)  # it would have been sent at once
+        assert _discovered(broker) == set()
+        assert "discovery published" not in off.log
+        off.stop()
 
 
 def _discovered_ids(streams: list[str]) -> set[str]:
