@@ -22,7 +22,7 @@ from anomalyd.config import DEFAULT_CONFIG, DetectorConfig, HealthConfig, config
 from anomalyd.errors import AnomalydError, ConfigError
 from anomalyd.inference import open_autoencoder
 from anomalyd.mismatch import MismatchWarnings
-from anomalyd.replay import Rule, describe_verdict, first_event_seconds
+from anomalyd.replay import Rule, all_silent, describe_verdict, first_event_seconds
 from anomalyd.scoring import ClipScorer
 
 logger = logging.getLogger("anomalyd")
@@ -60,6 +60,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             scored = scorer.stream_file(path, channel=args.channel)
         except AnomalydError as exc:
             error(str(exc))
+            status = EXIT_ERROR
+            continue
+        if all_silent(scored, rule.silence_dbfs):
+            # Neither normal nor anomalous: a dead channel or a muted input must not pass for either.
+            print(f"{path}\tscore=-\tthreshold={rule.threshold:.5f}\tno windows scored\tsilent", flush=True)
+            error(f"{path}: digital silence (every window has a stretch below {rule.silence_dbfs:g} dBFS): "
+                  "cannot be judged; check the channel and the microphone")  # fmt: skip
             status = EXIT_ERROR
             continue
         event = first_event_seconds(scored, rule)

@@ -62,5 +62,10 @@ def first_event_seconds(scored: ScoredFile, rule: Rule) -> float | None:
     return starts[0] / scored.sample_rate if starts else None
 
 
+def all_silent(scored: ScoredFile, silence_dbfs: float) -> bool:
+    """Every window holds digital silence: the daemon scores none of them, so the file cannot be judged."""
+    return not bool(scored_mask(scored, silence_dbfs).any())
+
+
 def describe_verdict(seconds: float | None) -> str:
     return "no event" if seconds is None else f"event at {seconds:.2f} s"

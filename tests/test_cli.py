@@ -17,6 +17,7 @@ import soundfile as sf
 from onnx import helper
 
 from anomalyd import cli
+from anomalyd.config import HealthConfig
 from tests import memory_helpers
 from tests.bundle_helpers import WINDOWS, install_graph, rehash, window_info
 from tests.conftest import MIMII, ROOT
@@ -25,6 +26,7 @@ from training.evaluate import FileScore, compute_metrics
 pytestmark = pytest.mark.slow
 
 ANOMALYD = [sys.executable, "-m", "anomalyd"]
+SILENCE = HealthConfig().silence_dbfs  # the daemon's digital-silence level
 
 
 def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
@@ -69,6 +71,23 @@ def test_score_errors_exit_2_and_still_score_the_good_files(
     assert f"{bad}: truncated WAV" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert good.name in result.stdout
+
+
+def test_digital_silence_is_called_silent_never_normal_nor_anomaly(
+    bundle_dir: Path, synth_test: Path, tmp_path: Path
+) -> None:
+    good = sorted((synth_test / "normal").glob("*.wav"))[0]
+    zeros = tmp_path / "dead-channel.wav"
+    sf.write(zeros, np.zeros(16_000 * 4, np.int16), 16_000, subtype="PCM_16")
+    result = run(*ANOMALYD, "score", "--bundle", bundle_dir, zeros, good)
+    assert result.returncode == 2  # a file that cannot be judged
+    lines = {Path(line.split("\t")[0]).name: line.split("\t") for line in result.stdout.splitlines()}
+    assert lines[zeros.name][1:] == ["score=-", lines[zeros.name][2], "no windows scored", "silent"]
+    assert lines[good.name][-1] == "normal"
+    assert result.stderr.strip() == (
+        f"anomalyd: error: {zeros}: digital silence (every window has a stretch below {SILENCE:g} dBFS): cannot be "
+        "judged; check the channel and the microphone"
+    )
 
 
 def test_score_too_short_and_bad_bundle(bundle_dir: Path, tmp_path: Path) -> None:

@@ -138,6 +138,7 @@ def test_folders_of_mixed_lengths_and_formats(tmp_path: Path, caplog: pytest.Log
         "not used: 4 files not of a supported audio format (WAV, FLAC, OGG, MP3): cover.jpg, notes.txt, "
         "readme.md and 1 more (all named with -v)" in warnings
     )
+    assert not [w for w in warnings if "s minimum" in w]  # 88 s of normal audio is enough
     debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
     for name in ("notes.txt", "take.aiff", "cover.jpg", "readme.md"):
         assert f"not a supported audio format: {recorded / name}" in debug
@@ -184,6 +185,16 @@ def test_too_little_audio_in_one_recording_is_a_clear_error(
     assert "too little normal audio: 15.0 s in 1 usable file makes 2 blocks; training needs 3" in caplog.text
     assert "at least 22.1 s in one recording" in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_too_little_normal_audio_to_trust_is_warned_about_with_the_minimum(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(tmp_path / "normal" / "take.wav", _long(10.0, 4), subtype="PCM_16")  # 40 s: trains, but...
+    with caplog.at_level(logging.WARNING):
+        status = train.main(["--normal", str(tmp_path / "normal"), "--out", str(tmp_path / "b"), *QUICK])
+    assert status == 0, caplog.text
+    assert f"only 40 s of normal audio, below the {train.MIN_NORMAL_SECONDS:.0f} s minimum" in caplog.text
 
 
 def test_a_damaged_manifest_is_one_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

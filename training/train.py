@@ -45,6 +45,11 @@ from training.sources import audio_provenance, list_normal, report_flagged, repo
 
 logger = logging.getLogger("training.train")
 
+# Below this much normal audio a warning says so: a few seconds rarely hold a machine's normal states
+# (loads, speeds, cycles), so faults rank little better than chance, and the threshold's spread rests on
+# a handful of validation windows.
+MIN_NORMAL_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -362,6 +367,13 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     parent = load_parent(args.init_from, params) if args.init_from is not None else None
     recordings, data_info = load_data(args, config, logmel)
     parts = split(recordings, config, params)
+    total = sum(r.seconds(params.sample_rate) for r in recordings)
+    if total < MIN_NORMAL_SECONDS:
+        logger.warning(
+            "only %.0f s of normal audio, below the %.0f s minimum: with this little the model ranks faults "
+            "near chance and the threshold is a guess; record more (`anomalyd record --minutes 5`)",
+            total, MIN_NORMAL_SECONDS,
+        )  # fmt: skip
     train_clips, val_clips = block_clips(recordings, parts.train), block_clips(recordings, parts.val)
     if len(val_clips) < 5:
         logger.warning(
