@@ -251,7 +251,7 @@ class Daemon:
                 )  # fmt: skip
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
-                snapshot = self._snapshot(pipeline)
+                snapshot = self._snapshot(pipeline, count_backlog=True)
                 self._notifier.status(summary(snapshot))
                 self._publish_diagnostics(snapshot)
 
@@ -278,19 +278,23 @@ class Daemon:
             logger.info("reloaded %s: %s", self.config_path, ", ".join(changes) or "no stream changed")
         self._notifier.ready(self._summary(pipeline))
 
-    def _snapshot(self, pipeline: Pipeline) -> Snapshot:
+    def _snapshot(self, pipeline: Pipeline, count_backlog: bool = False) -> Snapshot:
+        """`count_backlog`: read the outbox's size too (a database read: for diagnostics only, not for
+        the lag check of every tick)."""
         assert pipeline.config is not None
         assert self._store is not None
         link = self._publisher.link_status() if self._publisher is not None else None
+        now = utc_now()
+        counted = link is not None and count_backlog
         return take_snapshot(
             pipeline.streams(),
-            now=utc_now(),
+            now=now,
             max_lag_seconds=pipeline.config.inference.max_lag_seconds,
             windows_scored=pipeline.windows_scored,
             blocks_dropped=pipeline.blocks_dropped,
             storage=self._store.status(),
-            events_today=self._store.events_today(utc_now()),
-            outbox_backlog=outbox_backlog(pipeline.config.storage.database) if link is not None else 0,
+            events_today=self._store.events_today(now),
+            outbox_backlog=outbox_backlog(pipeline.config.storage.database) if counted else 0,
             mqtt=None if link is None else link.state.value,
             mqtt_detail="" if link is None else link.detail,
         )
