@@ -184,3 +184,13 @@ def daemon_mqtt(folder: Path, broker: Broker, node: str = "edge1") -> str:
         f'username = "{USER}"\npassword_file = "pw"\nretry_initial_seconds = 0.2\nretry_max_seconds = 1.0\n'
         "score_interval_seconds = 1.0\n"
     )
+
+
+def retained(broker: Broker, topic_filter: str, settle: float = 1.5) -> dict[str, str]:
+    """Topic -> payload of the retained messages under a filter, as a subscriber connecting now gets them."""
+    later = Subscriber(broker, topic_filter)
+    try:
+        later.wait_quiet(settle)
+        return {m.topic: m.payload for m in later.on("") if m.retain}
+    finally:
+        later.close()

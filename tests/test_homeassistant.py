@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from anomalyd.records import SourceState
 from anomalyd.roster import Roster
 from anomalyd.store import StoreWriter
 from tests.daemon_helpers import DaemonProcess, write_config, write_recording
-from tests.mqtt_helpers import Broker, Subscriber, daemon_mqtt, validate
+from tests.mqtt_helpers import Broker, Subscriber, daemon_mqtt, retained, validate
 
 # Discovery keys Home Assistant documents per platform (the MQTT integration's pages; the same keys as
 # its discovery schemas in release 2025.4, plus `default_entity_id`, documented from 2025.10 on). A key
@@ -56,7 +57,7 @@ TOPICS = Topics("anomalyd", "vm")
 STREAMS = [HaStream("demo-fan", "fan-2f9a", "Hall 2"), HaStream("pump", "pump-77e1")]
 
 
-def _configs(streams: list[HaStream] = STREAMS) -> dict[str, dict[str, object]]:
+def _configs(streams: list[HaStream] = STREAMS) -> dict[str, dict[str, Any]]:
     out = {}
     for m in discovery_messages(TOPICS, streams, "homeassistant"):
         assert (m.qos, m.retain) == (1, True)
@@ -70,8 +71,8 @@ def test_every_discovery_key_is_one_home_assistant_documents() -> None:
     for topic, config in configs.items():
         component = topic.split("/")[1]
         assert set(config) <= DOCUMENTED[component], (topic, sorted(set(config) - DOCUMENTED[component]))
-        assert set(config["device"]) <= DEVICE_KEYS, topic  # type: ignore[arg-type]
-        assert set(config["origin"]) <= ORIGIN_KEYS, topic  # type: ignore[arg-type]
+        assert set(config["device"]) <= DEVICE_KEYS, topic
+        assert set(config["origin"]) <= ORIGIN_KEYS, topic
         assert config.get("entity_category", "config") in ENTITY_CATEGORIES
 
 
@@ -152,19 +153,9 @@ def test_what_each_entity_reads_and_its_category() -> None:
 # ---- a real daemon through a real Mosquitto ------------------------------------------------------------
 
 
-def _retained(broker: Broker, topic_filter: str, settle: float = 1.5) -> dict[str, str]:
-    """Retained messages a subscriber connecting now is given, by topic."""
-    later = Subscriber(broker, topic_filter)
-    try:
-        later.wait_quiet(settle)
-        return {m.topic: m.payload for m in later.on("") if m.retain}
-    finally:
-        later.close()
-
-
 def _discovered(broker: Broker) -> set[str]:
     """unique_ids of the entities whose discovery config the broker keeps now."""
-    return {topic.split("/")[2] for topic, payload in _retained(broker, "homeassistant/#").items() if payload}
+    return {topic.split("/")[2] for topic, payload in retained(broker, "homeassistant/#").items() if payload}
 
 
 @pytest.mark.slow
@@ -198,7 +189,7 @@ def test_a_daemon_tells_the_event_story_and_obeys_the_mute_switch(
         assert (end["reason"], end["clip"]) == ("recovered", f"fan-{_stamp(end)}-{end['event_id'][:8]}.wav")
         assert end["clip_url"] == f"http://box.local:8080/clips/{end['clip']}"
         daemon.wait_for((tmp_path / "clips" / end["clip"]).is_file, 20, "the clip named in the end")
-        kept = _retained(broker, "anomalyd/vm/fan/last_event")
+        kept = retained(broker, "anomalyd/vm/fan/last_event")
         assert json.loads(kept["anomalyd/vm/fan/last_event"])["event_id"] == end["event_id"]
 
         # The switch: "on" mutes for the stream's duration; the number changes that duration.
@@ -294,8 +285,9 @@ def _discovered_ids(streams: list[str]) -> set[str]:
     }
 
 
-def _wait_discovered(broker: Broker, daemon: DaemonProcess, condition: object) -> set[str]:
-    assert callable(condition)
+def _wait_discovered(
+    broker: Broker, daemon: DaemonProcess, condition: Callable[[set[str]], bool]
+) -> set[str]:
     found: set[str] = set()
 
     def check() -> bool:

@@ -22,7 +22,7 @@ from anomalyd import __version__
 from anomalyd.bundle import load_bundle
 from tests.daemon_helpers import DaemonProcess, write_recording
 from tests.ha_helpers import VENV_VARIABLE, HomeAssistant, StateRecorder, venv_from_environment
-from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber
+from tests.mqtt_helpers import PASSWORD, USER, Broker, Subscriber, retained
 
 pytestmark = [
     pytest.mark.homeassistant,
@@ -126,14 +126,6 @@ def daemon_config(folder: Path, bundle: Path, broker: Broker, streams: dict[str,
     path = folder / "anomalyd.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def retained(broker: Broker, topic: str, wait: float = 1.5) -> dict[str, str]:
-    """Topic -> payload of the retained messages under a filter, as a late subscriber gets them."""
-    late = Subscriber(broker, topic)
-    time.sleep(wait)  # retained messages arrive right after the subscription
-    late.close()
-    return {m.topic: m.payload for m in late.messages if m.retain}
 
 
 def test_anomalyd_in_a_real_home_assistant(
