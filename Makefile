@@ -17,7 +17,8 @@ DEMO := demo-out
 # client; the frontend, which HA loads whatever the config), so that it never fetches anything at start.
 HA_VERSION := 2025.4.4
 HA_RUNTIME := paho-mqtt==2.1.0 home-assistant-frontend==20250411.0
-HA_VENV := .ha-venv
+# Inside .venv: an environment of its own, out of the project's tree (and removed with .venv).
+HA_VENV := $(VENV)/homeassistant
 HA_STAMP := $(HA_VENV)/.installed-$(HA_VERSION)
 HA_PYTHON ?= $(shell for p in "$$(command -v python3.13)" $(HOME)/.pyenv/versions/3.13*/bin/python3.13 \
     /root/.pyenv/versions/3.13*/bin/python3.13; do \
@@ -93,4 +94,4 @@ bench: $(STAMP)
 	$(BIN)/python -m anomalyd.bench --bundle $(DEMO)/bundle
 
 clean:
-	rm -rf $(VENV) $(HA_VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(DEMO) .mypy_cache .ruff_cache .pytest_cache
