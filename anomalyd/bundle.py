@@ -31,7 +31,9 @@ from anomalyd.features import FeatureParams
 from anomalyd.windows import Normalisation, WindowGeometry
 
 BUNDLE_FORMAT = "anomalyd-bundle"
-FORMAT_VERSION = 1
+# Version 2 adds normalisation.levelling; version 1 bundles still load, and score as they always did.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "model.json"
 MODEL_FILE = "model.onnx"
 FILTERBANK_FILE = "mel_filterbank.npy"
@@ -221,10 +223,10 @@ def _read_meta(directory: Path) -> BundleMeta:
     if not isinstance(data, dict) or data.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{meta_path}: not an anomalyd bundle (format is not {BUNDLE_FORMAT!r})")
     version = data.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         raise IncompatibleBundleError(
             f"{meta_path}: bundle format version {_short_repr.repr(version)}, "
-            f"this anomalyd reads version {FORMAT_VERSION}"
+            f"this anomalyd reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return _meta_from_doc(parse_meta(meta_path, data))
 
@@ -239,6 +241,7 @@ def _meta_from_doc(doc: MetaDoc) -> BundleMeta:
         normalisation=Normalisation(
             mean=np.asarray(doc.normalisation.mean, dtype=np.float32),
             std=np.asarray(doc.normalisation.std, dtype=np.float32),
+            levelling=doc.normalisation.levelling,
         ),
         threshold=Threshold(
             clip_scores=ScoreStats(t.mean, t.std, t.n_clips),

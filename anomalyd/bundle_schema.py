@@ -109,6 +109,8 @@ class WindowDoc(_Doc):
 class NormalisationDoc(_Doc):
     mean: list[Annotated[float, Field(ge=-MAX_DB, le=MAX_DB)]] = Field(min_length=1, max_length=MAX_MELS)
     std: list[Annotated[float, Field(ge=MIN_STD_DB, le=MAX_DB)]] = Field(min_length=1, max_length=MAX_MELS)
+    # Format version 2; a version 1 bundle was trained on windows as they are.
+    levelling: Literal["none", "window_power"] = "none"
 
 
 MAX_SOURCES = 10_000  # audio files or folders named in a calibration
@@ -214,7 +216,7 @@ class TrainingDoc(_Doc):
 
 class MetaDoc(_Doc):
     format: Literal["anomalyd-bundle"]
-    format_version: Literal[1]
+    format_version: Literal[1, 2]
     model_id: str = Field(min_length=1, max_length=256, pattern=PRINTABLE)
     created_at: str = Field(max_length=64, description="UTC, ISO 8601 with offset")
     features: FeaturesDoc
@@ -232,6 +234,13 @@ class MetaDoc(_Doc):
     @classmethod
     def _aware_time(cls, value: str) -> str:
         return _aware_iso_time(value)
+
+    @model_validator(mode="after")
+    def _levelling_needs_version_2(self) -> MetaDoc:
+        # A version 1 reader would ignore the field and score unlevelled windows: wrong, silently.
+        if self.format_version == 1 and "levelling" in self.normalisation.model_fields_set:
+            raise ValueError("normalisation.levelling needs format_version 2")
+        return self
 
 
 def _submodel(model: type[BaseModel] | None, part: int | str) -> type[BaseModel] | None:

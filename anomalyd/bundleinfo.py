@@ -97,12 +97,14 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "n_fft": features.n_fft,
             "hop_length": features.hop_length,
             "n_mels": features.n_mels,
+            "fmax": features.fmax,
             "frames_per_second": round(1 / hop_s, 3),
         },
         "window": {
             "n_frames": window.n_frames,
             "hop_frames": window.hop_frames,
             "pool_frames": window.pool_frames,
+            "levelling": bundle.meta.normalisation.levelling,
             "seconds": round(window.n_frames * hop_s, 3),
             "hop_seconds": round(window.hop_frames * hop_s, 3),
         },
@@ -184,9 +186,9 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(f"trained         {tr['epochs_run']} epoch(s){took}")
     lines += [
         f"features        {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']} "
-        f"({f['frames_per_second']} frames/s), {f['n_mels']} mel bands",
+        f"({f['frames_per_second']} frames/s), {f['n_mels']} mel bands up to {f['fmax']:g} Hz",
         f"windows         {w['n_frames']} frames ({w['seconds']} s) every {w['hop_frames']} "
-        f"({w['hop_seconds']} s), residual pooled over {w['pool_frames']}",
+        f"({w['hop_seconds']} s), residual pooled over {w['pool_frames']}, levelling {w['levelling']}",
         f"threshold       clip {th['value']:.5f} = {th['mean']:.5f} + {th['k']:g} x {th['std']:.5f} "
         f"({th['n_clips']} validation clips)",
         f"                window {th['window_value']:.5f} = {th['window_mean']:.5f} + {th['k']:g} x "

@@ -75,7 +75,31 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 
 def test_future_format_version(copy: Path) -> None:
     edit_meta(copy, lambda m: m.update(format_version=99))
-    with pytest.raises(IncompatibleBundleError, match="format version 99, this anomalyd reads version 1"):
+    with pytest.raises(IncompatibleBundleError, match="format version 99, this anomalyd reads versions 1, 2"):
+        load_bundle(copy)
+
+
+def _as_version_1(meta: dict[str, Any]) -> None:
+    """model.json as a version 1 writer made it: no levelling, which such bundles never had."""
+    meta.update(format_version=1)
+    del meta["normalisation"]["levelling"]
+
+
+def test_version_1_bundle_still_loads_and_scores_unlevelled_windows(copy: Path, synth_train: Path) -> None:
+    clip = sorted(synth_train.glob("*.wav"))[0]
+    levelled = ClipScorer.from_bundle(load_bundle(copy)).score_file(clip).score
+    edit_meta(copy, _as_version_1)
+    old = load_bundle(copy)
+    assert old.meta.normalisation.levelling == "none"
+    # The same weights fed unlevelled windows: what a version 1 reader computed, not the version 2 score.
+    unlevelled = ClipScorer.from_bundle(old).score_file(clip).score
+    assert np.isfinite(unlevelled)
+    assert unlevelled != pytest.approx(levelled, rel=1e-3)
+
+
+def test_version_1_bundle_claiming_levelling_is_refused(copy: Path) -> None:
+    edit_meta(copy, lambda m: m.update(format_version=1))
+    with pytest.raises(BundleError, match=r"normalisation\.levelling needs format_version 2"):
         load_bundle(copy)
 
 
@@ -258,9 +282,13 @@ def nested(depth: int) -> Any:
         ),
         (
             lambda m: m.update(format_version=True),
-            r"bundle format version True, this anomalyd reads version 1",
+            r"bundle format version True, this anomalyd reads versions 1, 2",
         ),
-        (lambda m: m.update(format_version="1"), r"bundle format version '1', this anomalyd reads version 1"),
+        (lambda m: m.update(format_version="1"), r"bundle format version '1', this anomalyd reads versions"),
+        (
+            lambda m: m["normalisation"].update(levelling="frame"),
+            r"normalisation\.levelling = 'frame': Input should be 'none' or 'window_power'",
+        ),
     ],
 )
 def test_every_field_is_type_and_range_checked(

@@ -60,7 +60,8 @@ def test_poisson_upper_bound_and_hours_needed() -> None:
 @pytest.mark.slow
 def test_calibration_keeps_its_budget_on_fresh_normal_audio(bundle_dir: Path, tmp_path: Path) -> None:
     """Calibrate on 5 minutes of one machine's normal audio (and some faults); fresh normal audio of the
-    same machine (another seed) then raises no event: within 1 false alarm a day."""
+    same machine (other runs, another seed) then raises no more events than the rate calibration vouches
+    for: 5 minutes without an event bound it below 862.8 a day (95 %), not to 1 a day."""
     synth.write_dataset(tmp_path / "calib", n_normal=30, per_fault=2, seconds=10.0, seed=2)
     synth.write_dataset(tmp_path / "fresh", n_normal=20, per_fault=0, seconds=10.0, seed=3)
     bundle = tmp_path / "bundle"
@@ -97,9 +98,14 @@ def test_calibration_keeps_its_budget_on_fresh_normal_audio(bundle_dir: Path, tm
 
     fresh = sorted((tmp_path / "fresh" / "normal").glob("*.wav"))
     result = run(*ANOMALYD, "score", "--bundle", bundle, *fresh)
-    assert result.returncode == 0, result.stdout + result.stderr  # no file raises an event
+    assert result.returncode in (0, 1), result.stdout + result.stderr
     rows = score_lines(result.stdout)
-    assert {event for _, _, event, _ in rows.values()} == {"no event"}
+    events = sum(event != "no event" for _, _, event, _ in rows.values())
+    # Each fresh file is a stream of its own, so it raises at most one event (cooldown 30 s > 10 s).
+    at_bound = calibration["events_per_day_upper95"] * 10.0 * len(fresh) / 86_400
+    at_least = 1 - sum(math.exp(-at_bound) * at_bound**i / math.factorial(i) for i in range(events))
+    assert at_least >= 0.05, (events, at_bound, result.stdout)  # P(>= events | rate at the bound)
+    assert events <= len(fresh) // 4, result.stdout
     window_threshold = loaded.meta.threshold.window_scores.threshold(k)
     assert all(t == pytest.approx(window_threshold, abs=1e-5) for _, t, _, _ in rows.values())
 

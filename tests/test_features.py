@@ -32,6 +32,7 @@ def test_logmel_matches_librosa_on_real_mimii_clip(logmel: LogMel, clip: str) ->
         n_mels=p.n_mels,
         power=2.0,
         center=False,
+        fmax=p.fmax,
     )
     reference = librosa.power_to_db(mel, ref=1.0, amin=p.amin, top_db=None)
     assert ours.shape == reference.shape == (128, 311)

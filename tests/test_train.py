@@ -32,7 +32,9 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     ]
     assert meta["features"]["sample_rate"] == 16_000
     assert meta["features"]["n_mels"] == 128
-    assert meta["window"] == {"n_frames": 64, "hop_frames": 16, "pool_frames": 16}
+    assert meta["window"] == {"n_frames": 64, "hop_frames": 16, "pool_frames": 64}
+    assert meta["normalisation"]["levelling"] == "window_power"
+    assert meta["format_version"] == 2
     assert len(meta["normalisation"]["mean"]) == len(meta["normalisation"]["std"]) == 128
     t = meta["threshold"]
     assert t["k"] == 3.0

@@ -96,10 +96,11 @@ def _order(block: Block) -> tuple[int, int]:
 
 
 class WindowSet:
-    """Normalised windows sliced inside the given blocks only, taken a batch at a time.
+    """Windows sliced inside the given blocks only, levelled and normalised a batch at a time.
 
     Holds the blocks' frames once (windows overlap 8x at a hop of 8 frames: stacking them all would take
-    8x the memory); `take` copies only the windows asked for.
+    8x the memory); `take` copies only the windows asked for and prepares them with the runtime's own
+    `Normalisation.apply`, so training sees exactly what the daemon will.
     """
 
     def __init__(
@@ -112,7 +113,8 @@ class WindowSet:
             offset += logmel.shape[1]
         self.starts: npt.NDArray[np.int64] = np.concatenate(starts).astype(np.int64)  # first frame of each
         self.n_frames = n_frames
-        frames = norm.apply(np.concatenate(logmels, axis=1)[None])[0]  # (n_mels, total frames)
+        self.norm = norm
+        frames = np.concatenate(logmels, axis=1)  # (n_mels, total frames), dB
         self._view = np.lib.stride_tricks.sliding_window_view(frames, n_frames, axis=1)
 
     def __len__(self) -> int:
@@ -126,4 +128,5 @@ class WindowSet:
     def take(self, index: npt.NDArray[np.int64] | torch.Tensor) -> torch.Tensor:
         """The windows at `index` as a (len(index), 1, n_mels, n_frames) float32 tensor."""
         chosen = self._view[:, self.starts[np.asarray(index)]]  # (n_mels, n, n_frames), a copy
-        return torch.from_numpy(np.ascontiguousarray(chosen.transpose(1, 0, 2)))[:, None]
+        windows = self.norm.apply(np.ascontiguousarray(chosen.transpose(1, 0, 2)))
+        return torch.from_numpy(windows)[:, None]

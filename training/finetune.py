@@ -4,9 +4,9 @@ Used when a machine's normal sound has grown (false alarms marked normal, a new 
 bundle's model already knows the machine, so a few epochs at a lower learning rate teach it the new
 audio, much faster than training from scratch.
 
-- The parent's architecture, window geometry and feature parameters are taken as they are; an option
-  or preset that asks for others is refused in one line (the weights would not fit, or would see other
-  inputs than those they learnt).
+- The parent's architecture, window geometry, levelling and feature parameters are taken as they are; an
+  option or preset that asks for others is refused in one line (the weights would not fit, or would see
+  other inputs than those they learnt).
 - The parent's normalisation (per-band mean and std) is kept, not refitted: the weights learnt inputs
   scaled by it, and the new audio is mostly the old machine again; refitting on a set that now includes
   unusual clips would shift every input, and the model would first have to unlearn the shift.
@@ -37,7 +37,7 @@ from training.model import Architecture, ConvAutoencoder
 # solution, so fewer epochs, a shorter patience and smaller steps that refine it rather than wreck it.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 30, "patience": 5, "learning_rate": 3e-4}
 C = TypeVar("C")  # training.train's TrainConfig (imported from there would be circular)
-_FROM_PARENT = ("channels", "kernel_size", "n_frames", "hop_frames", "pool_frames")
+_FROM_PARENT = ("channels", "kernel_size", "n_frames", "hop_frames", "pool_frames", "levelling", "fmax")
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,8 @@ def adapt_config(config: C, explicit: set[str], options: set[str], parent_path: 
         "n_frames": window.n_frames,
         "hop_frames": window.hop_frames,
         "pool_frames": window.pool_frames,
+        "levelling": bundle.meta.normalisation.levelling,
+        "fmax": bundle.meta.features.fmax,
     }
     clashes = [
         f"{key} {_shown(getattr(config, key))} (bundle: {_shown(theirs[key])})"

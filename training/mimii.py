@@ -6,6 +6,8 @@ Trains on normal/00000000-00000009, tests on normal/00000010-00000019 and all an
 the data's NOTICE), once per seed, and prints AUC and pAUC as mean +- std: anomalyd's model with its
 defaults, and the DCASE 2020 Task 2 baseline re-implemented (training/dcase2020.py) on the same split and
 seeds, next to the baseline's published figure (which comes from another, larger test: docs/mimii.md).
+Then anomalyd's bundles meet the capture chains of a plant (training/robustness.py): the normal test clips
+scaled by -6 to +6 dB and sent through 44.1 and 48 kHz round trips.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from anomalyd.bundle import load_bundle
-from training import dcase2020, evaluate, train
+from training import dcase2020, evaluate, robustness, train
 
 BASELINE_AUC = 0.5396  # DCASE 2020 Task 2 baseline, fan id_00 (from the data's NOTICE)
 
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_dir, test_dir = _link_split(args.data, args.out)
     results = []
+    chains: list[list[robustness.Row]] = []
     for seed in args.seeds:
         bundle_dir = args.out / f"seed{seed}"
         options = ["--normal", str(train_dir), "--out", str(bundle_dir), "--seed", str(seed), "--quiet"]
@@ -60,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"system": "anomalyd", "seed": seed, "train_seconds": seconds, **asdict(metrics)})
         print(f"seed {seed}: anomalyd AUC {metrics.auc:.4f} pAUC {metrics.pauc:.4f} TPR {metrics.tpr:.2f} "
               f"FPR {metrics.fpr:.2f} (trained in {seconds:.0f} s)", flush=True)  # fmt: skip
+        chains.append(robustness.robustness(load_bundle(bundle_dir), test_dir, args.data / "anomaly"))
+        results[-1]["robustness"] = [asdict(row) for row in chains[-1]]
         baseline = _baseline(train_dir, test_dir, args.data / "anomaly", seed)
         results.append(baseline)
         print(f"seed {seed}: DCASE 2020 baseline AUC {baseline['auc']:.4f} pAUC {baseline['pauc']:.4f} "
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         pauc = np.array([r["pauc"] for r in results if r["system"] == system]) * 100
         print(f"| {label}, {len(auc)} seeds, mean +- std | {auc.mean():.2f} +- {auc.std():.2f} "
               f"| {pauc.mean():.2f} +- {pauc.std():.2f} |")  # fmt: skip
+    print()
+    print(robustness.table(chains))
     return 0
 
 

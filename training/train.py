@@ -33,8 +33,8 @@ from tqdm import tqdm
 from anomalyd.audio import supported_names
 from anomalyd.bundle import META_FILE
 from anomalyd.errors import AnomalydError, ConfigError, TrainingDataError
-from anomalyd.features import FeatureParams, LogMel
-from anomalyd.windows import Normalisation, WindowGeometry
+from anomalyd.features import FMAX, FeatureParams, LogMel
+from anomalyd.windows import LEVELLINGS, Normalisation, WindowGeometry
 from training import blocks
 from training.blocks import Block, Split, WindowSet
 from training.dataset import Clip, Recording, fingerprint, load_recordings, make_filterbank
@@ -61,9 +61,11 @@ class TrainConfig:
     n_frames: int = 64  # log-mel frames per window, 2.05 s
     hop_frames: int = 16  # frames between windows when scoring; stored in the bundle
     train_hop_frames: int = 8  # denser windows for training: more examples from little audio
-    pool_frames: int = 16  # frames averaged in the residual before squaring; stored in the bundle
+    pool_frames: int = 64  # frames averaged in the residual before squaring; stored in the bundle
+    levelling: str = "window_power"  # "window_power": each window's level removed (gain-proof), or "none"
+    fmax: float = FMAX  # Hz, highest mel filterbank edge; above the resampler's passband bands are unreliable
     # model (see training/model.py)
-    channels: tuple[int, int, int] = (32, 64, 8)  # encoder channels per stride-2 stage
+    channels: tuple[int, int, int] = (32, 64, 1)  # encoder channels per stride-2 stage; the last is the code
     kernel_size: int = 5  # convolution kernel size, odd
     # optimisation
     epochs: int = 100  # most epochs to train; early stopping usually ends sooner
@@ -88,6 +90,10 @@ class TrainConfig:
         for key in ("hop_frames", "train_hop_frames", "epochs", "patience", "batch_size", "threads"):
             if getattr(self, key) <= 0:
                 found.append(f"{key} must be positive, got {getattr(self, key)}")
+        if self.levelling not in LEVELLINGS:
+            found.append(f"levelling must be one of {', '.join(LEVELLINGS)}, got {self.levelling!r}")
+        if not 0 < self.fmax <= FeatureParams().sample_rate / 2:
+            found.append(f"fmax must lie in (0, {FeatureParams().sample_rate / 2:g}] Hz, got {self.fmax}")
         if len(self.channels) != 3 or min(self.channels) <= 0:
             found.append(f"channels must be three positive integers, got {list(self.channels)}")
         if self.kernel_size % 2 == 0 or self.kernel_size <= 0:
@@ -359,12 +365,12 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     torch.set_num_threads(config.threads)
     torch.use_deterministic_algorithms(True)
 
-    params = FeatureParams()
+    params = FeatureParams(fmax=config.fmax)
     filterbank = make_filterbank(params)
     logmel = LogMel(params, filterbank)
     geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
-
     parent = load_parent(args.init_from, params) if args.init_from is not None else None
+
     recordings, data_info = load_data(args, config, logmel)
     parts = split(recordings, config, params)
     total = sum(r.seconds(params.sample_rate) for r in recordings)
@@ -382,7 +388,15 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         )
 
     # Fine-tuning keeps the parent's normalisation: its weights learnt inputs scaled by it.
-    norm = parent.normalisation if parent else Normalisation.fit([c.logmel for c in train_clips])
+    norm = (
+        parent.normalisation
+        if parent
+        else Normalisation.fit(
+            [c.logmel for c in train_clips],
+            levelling=config.levelling,
+            geometry=WindowGeometry(config.n_frames, config.train_hop_frames, config.n_frames),
+        )
+    )
     x_train = WindowSet([c.logmel for c in train_clips], config.n_frames, config.train_hop_frames, norm)
     x_val = WindowSet([c.logmel for c in val_clips], config.n_frames, config.train_hop_frames, norm)
     seconds = {
