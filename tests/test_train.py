@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from anomalyd.audio import list_audio_files
@@ -18,6 +19,7 @@ from anomalyd.scoring import ClipScorer
 from fixtures.synth import FAULTS
 from tests.conftest import SMALL_PRESET
 from training import train
+from training.model import Architecture, ConvAutoencoder, active_code_share
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +46,7 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     assert all(f["blocks"] in ("T", "V") for f in files)
     assert t["n_clips"] == meta["training"]["val_blocks"] == sum(f["blocks"] == "V" for f in files) >= 2
     assert meta["export"]["parity_max_abs_diff"] <= 1e-4
+    assert 0 < meta["training"]["active_code_share"] <= 1  # a live code, not a fixed template
     assert set(meta["versions"]) >= {"anomalyd", "torch", "onnxruntime", "numpy", "librosa"}
     assert meta["created_at"].endswith("+00:00")
     assert meta["model_id"].startswith("normal-")
@@ -54,6 +57,17 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     for f in files:
         assert f["seconds"] == 4.0
         assert f["sha256"] == sha256_file(synth_train / f["name"])
+
+
+def test_a_dead_code_is_told_from_a_live_one() -> None:
+    torch.manual_seed(0)
+    model = ConvAutoencoder(Architecture(channels=(4, 4, 1)))
+    windows = torch.randn(8, 1, 128, 64)
+    assert active_code_share(model, [windows[:4], windows[4:]]) > 0
+    with torch.no_grad():
+        model.encoder[-2].bias.fill_(-1e3)  # the code's pre-activation: negative for every window
+    assert active_code_share(model, [windows]) == 0
+    assert active_code_share(model, []) == 0
 
 
 def test_threshold_is_reproduced_by_the_runtime(bundle_dir: Path, synth_train: Path) -> None:

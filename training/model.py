@@ -8,6 +8,7 @@ that can copy its input reconstructs faults as well as normal sound and detects 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -51,3 +52,21 @@ class ConvAutoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))  # type: ignore[no-any-return]
+
+
+def active_code_share(model: ConvAutoencoder, batches: Iterable[torch.Tensor]) -> float:
+    """Share of code values above zero over the windows of `batches`.
+
+    0 is a dead code: the last ReLU of the encoder is negative on every normal window, so no gradient
+    reaches the encoder again and the decoder rebuilds one fixed template whatever comes in. Such a model
+    still scores how far a window's average spectrum lies from that template, but nothing finer; with a
+    one-channel code it happens on some seeds within the first epochs.
+    """
+    model.eval()
+    active, total = 0, 0
+    with torch.no_grad():
+        for batch in batches:
+            code = model.encoder(batch)
+            active += int((code > 0).sum())
+            total += code.numel()
+    return active / total if total else 0.0

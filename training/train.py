@@ -40,7 +40,7 @@ from training.blocks import Block, Split, WindowSet
 from training.dataset import Clip, Recording, fingerprint, load_recordings, make_filterbank
 from training.export import ExportInputs, export_bundle
 from training.finetune import FINETUNE_DEFAULTS, adapt_config, load_parent
-from training.model import Architecture, ConvAutoencoder
+from training.model import Architecture, ConvAutoencoder, active_code_share
 from training.sources import audio_provenance, list_normal, report_flagged, report_lossy, report_unsupported
 
 logger = logging.getLogger("training.train")
@@ -419,6 +419,15 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         result.best_val_loss,
         result.best_epoch,
     )
+    batches = (x_train.take(np.arange(s, min(s + config.batch_size, len(x_train))))
+               for s in range(0, len(x_train), config.batch_size))  # fmt: skip
+    code_share = active_code_share(model, batches)
+    if code_share == 0:
+        logger.warning(
+            "the autoencoder's code is zero on every training window (a dead code): the model rebuilds one "
+            "fixed spectral template and scores only how far a window's average spectrum lies from it; "
+            "another --seed usually trains a live code"
+        )
 
     training_info = {
         "config": {**dataclasses.asdict(config), "channels": list(config.channels)},
@@ -432,6 +441,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         "epochs_run": result.epochs_run,
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
+        "active_code_share": round(code_share, 4),  # 0: a dead code (see training.model.active_code_share)
         "train_windows": len(x_train),
         "seconds": round(time.monotonic() - started, 1),
         **(parent.info() if parent is not None else {}),
