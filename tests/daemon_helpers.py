@@ -13,17 +13,25 @@ from pathlib import Path
 
 import soundfile as sf
 
-from fixtures.synth import SAMPLE_RATE, render
+from fixtures.synth import SAMPLE_RATE, get_machine
 from tests.conftest import ROOT
 
 
 def write_recording(
-    path: Path, kind: str, seconds: float, onset: float = 0.0, until: float | None = None
+    path: Path,
+    kind: str,
+    seconds: float,
+    onset: float = 0.0,
+    until: float | None = None,
+    *,
+    index: int = 4,
+    machine: str = "fan",
 ) -> Path:
-    """A synthetic recording of a held-out machine run (seed 1, a typical one: index 4), `kind` from onset
-    to until."""
-    sf.write(path, render(kind, seed=1, index=4, seconds=seconds, onset=onset, until=until), SAMPLE_RATE,
-             subtype="PCM_16")  # fmt: skip
+    """A synthetic recording of a held-out machine run (seed 1; index 4 is a typical one), `kind` from
+    onset to until."""
+    render = get_machine(machine).render
+    audio = render(kind, seed=1, index=index, seconds=seconds, onset=onset, until=until)
+    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16")
     return path
 
 

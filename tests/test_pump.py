@@ -1,11 +1,15 @@
 """A differently shaped machine: the synthetic reciprocating pump, whose normal sound is cyclic, not steady.
 
-The fixture itself, so that it cannot quietly become trivial: its normal sound follows a drifting stroke,
-and each fault changes its own band in its own part of the stroke, barely the clip's level.
+First the fixture itself, so that it cannot quietly become trivial: its normal sound follows a drifting
+stroke, and each fault changes its own band in its own part of the stroke, barely the clip's level. Then
+a model trained on pump audio by the real training command, with the project's default settings: it
+ranks every fault above normal runs as loud, and the real daemon stays quiet on held-out normal runs and
+raises an event for each fault.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +17,19 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+from sklearn.metrics import roc_auc_score
 
+from anomalyd.bundle import load_bundle
+from anomalyd.features import FeatureParams
+from anomalyd.scoring import ClipScorer
 from fixtures import fan, pump, synth
 from fixtures.signals import SAMPLE_RATE, band_pass
 from tests.conftest import ROOT
+from tests.daemon_helpers import DaemonProcess, write_config, write_recording
+from training import train
+
+WINDOW_S = FeatureParams().n_samples(train.TrainConfig().n_frames) / SAMPLE_RATE  # one model window, s
+AUC_FLOOR = 0.9
 
 # What each fault is said to change: its band (Hz), parts of the stroke where that band must rise, and
 # parts it must leave alone (phase 0: top dead centre; suction from 0 to 0.5, discharge from 0.5 to 1).
@@ -136,3 +149,64 @@ def test_unknown_machine_or_kind_is_a_value_error_naming_the_choices(tmp_path: P
     )  # fmt: skip
     assert result.returncode == 2
     assert "--kind bearing: the pump has normal, valve_leak, cavitation, knock" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pump_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model of the pump trained on 50 normal runs of 3 s (seed 0; 150 s, above the training's 60 s
+    minimum), by the real training command with the project's default settings. Many short runs rather
+    than a few long ones: the validation blocks that set the threshold are whole files, so 10 runs, not
+    a handful, tell it how much runs differ."""
+    data = tmp_path_factory.mktemp("pump-train")
+    synth.write_dataset(data, n_normal=50, per_fault=0, seconds=3.0, seed=0, machine="pump")
+    out = tmp_path_factory.mktemp("pump-bundle") / "pump"
+    assert train.main(["--normal", str(data / "normal"), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_clip_scores_rank_every_pump_fault_above_normal_runs_as_loud(pump_bundle: Path) -> None:
+    scorer = ClipScorer.from_bundle(load_bundle(pump_bundle))
+    runs = {i: pump.render("normal", 1, i, 4.0) for i in range(20)}  # held-out runs (seed 1)
+    normal = [scorer.score_samples(audio).score for audio in runs.values()]
+    aucs = {}
+    for fault in pump.FAULTS:
+        faulty = []
+        for i in range(8):  # the same runs with the fault, brought to the loudness of the run without it
+            audio = pump.render(fault, 1, i, 4.0)
+            audio *= np.sqrt(np.mean(runs[i] ** 2) / np.mean(audio**2))
+            faulty.append(scorer.score_samples(audio).score)
+        aucs[fault] = float(roc_auc_score([0] * len(normal) + [1] * len(faulty), normal + faulty))
+    report = ", ".join(f"{fault} {auc:.3f}" for fault, auc in aucs.items())
+    assert min(aucs.values()) > AUC_FLOOR, f"per-fault AUC: {report}"
+
+
+@pytest.mark.slow
+def test_the_daemon_stays_quiet_on_normal_pump_runs_and_finds_every_fault(
+    pump_bundle: Path, tmp_path: Path
+) -> None:
+    onset, until = 10.0, 22.0
+    streams: dict[str, dict[str, object]] = {}
+    for index in range(100, 106):  # held-out runs (seed 1), a minute each
+        path = write_recording(tmp_path / f"normal{index}.wav", "normal", 60.0, index=index, machine="pump")
+        streams[f"normal{index}"] = {"path": path}
+    for fault in pump.FAULTS:
+        path = write_recording(tmp_path / f"{fault}.wav", fault, 30.0, onset, until, machine="pump")
+        streams[fault] = {"path": path}
+    with DaemonProcess(write_config(tmp_path / "d.toml", pump_bundle, streams)) as daemon:
+        assert daemon.wait_exit(120) == 0, daemon.log  # replayed files end; the daemon stops by itself
+    conn = sqlite3.connect(tmp_path / "events.db")
+    try:
+        rows = conn.execute(
+            "SELECT stream, start_sample FROM events ORDER BY stream, start_sample"
+        ).fetchall()
+    finally:
+        conn.close()
+    starts: dict[str, list[float]] = {}
+    for stream, start in rows:
+        starts.setdefault(stream, []).append(start / SAMPLE_RATE)
+    assert not [s for s in starts if s.startswith("normal")], f"events on normal runs: {starts}"
+    for fault in pump.FAULTS:
+        assert fault in starts, f"no event for {fault}: {starts}"
+        # Its first event starts at a window reaching into the fault, not on the normal stretch before.
+        assert onset - WINDOW_S < starts[fault][0] < until, (fault, starts[fault])
