@@ -28,12 +28,13 @@ import numpy.typing as npt
 from anomalyd.bundle_schema import MetaDoc, parse_meta
 from anomalyd.errors import BundleError, ChecksumError, IncompatibleBundleError
 from anomalyd.features import FeatureParams
+from anomalyd.residual import ResidualStats
 from anomalyd.windows import Normalisation, WindowGeometry
 
 BUNDLE_FORMAT = "anomalyd-bundle"
 # Version 2 adds normalisation.levelling; version 1 bundles still load, and score as they always did.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "model.json"
 MODEL_FILE = "model.onnx"
 FILTERBANK_FILE = "mel_filterbank.npy"
@@ -144,6 +145,8 @@ class BundleMeta:
     training: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    # Format 3: how the pooled residual becomes a score; None for older bundles (anomalyd/residual.py).
+    residual: ResidualStats | None = None
 
     @property
     def training_audio(self) -> TrainingAudio | None:
@@ -154,7 +157,8 @@ class BundleMeta:
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": BUNDLE_FORMAT,
-            "format_version": FORMAT_VERSION,
+            # The oldest version that holds what is here: recalibrating a version 2 bundle keeps it one.
+            "format_version": FORMAT_VERSION if self.residual is not None else 2,
             "model_id": self.model_id,
             "created_at": self.created_at,
             "features": self.features.to_dict(),
@@ -166,6 +170,7 @@ class BundleMeta:
             "training": self.training,
             "export": self.export,
             "versions": self.versions,
+            **({"residual": self.residual.to_dict()} if self.residual is not None else {}),
         }
 
 
@@ -254,6 +259,13 @@ def _meta_from_doc(doc: MetaDoc) -> BundleMeta:
         training=doc.training.model_dump(exclude_unset=True),
         export=dict(doc.export),
         versions=dict(doc.versions),
+        residual=None
+        if doc.residual is None
+        else ResidualStats(
+            mean=np.asarray(doc.residual.mean, dtype=np.float32),
+            var=np.asarray(doc.residual.var, dtype=np.float32),
+            n_blocks=doc.residual.n_blocks,
+        ),
     )
 
 
@@ -265,6 +277,10 @@ def _check_compatible(meta_path: Path, meta: BundleMeta) -> None:
             problems.append(
                 f"normalisation {name} has {values.size} values, features have {n_mels} mel bands"
             )
+    if meta.residual is not None:
+        for name, values in (("mean", meta.residual.mean), ("var", meta.residual.var)):
+            if values.shape != (n_mels,):
+                problems.append(f"residual {name} has {values.size} values, features have {n_mels} mel bands")
     w = meta.window
     if w.n_frames % w.pool_frames:
         problems.append(f"window sizes must be positive and pool_frames divide n_frames, got {w}")

@@ -37,6 +37,7 @@ MAX_FILES = 16  # files listed in `files`
 MAX_K = 100.0  # threshold = mean + k * std
 MAX_DB = 1e4  # |normalisation mean| and std, in dB
 MIN_STD_DB = 1e-6  # normalisation std; training floors it at 1e-3 dB
+MIN_RESIDUAL_VAR = 1e-12  # a band's pooled residual variance; training floors it there too
 MAX_COUNT = 10**12  # clips and windows behind the threshold statistics
 THRESHOLD_TOLERANCE = 1e-6  # relative: `value` must equal mean + k * std
 
@@ -111,6 +112,16 @@ class NormalisationDoc(_Doc):
     std: list[Annotated[float, Field(ge=MIN_STD_DB, le=MAX_DB)]] = Field(min_length=1, max_length=MAX_MELS)
     # Format version 2; a version 1 bundle was trained on windows as they are.
     levelling: Literal["none", "window_power"] = "none"
+
+
+class ResidualDoc(_Doc):
+    """Format 3: each band's mean and variance of the pooled residual on the training windows."""
+
+    mean: list[Annotated[float, Field(ge=-MAX_DB, le=MAX_DB)]] = Field(min_length=1, max_length=MAX_MELS)
+    var: list[Annotated[float, Field(ge=MIN_RESIDUAL_VAR, le=MAX_DB)]] = Field(
+        min_length=1, max_length=MAX_MELS
+    )
+    n_blocks: int = Field(ge=2, le=MAX_COUNT)
 
 
 MAX_SOURCES = 10_000  # audio files or folders named in a calibration
@@ -216,7 +227,7 @@ class TrainingDoc(_Doc):
 
 class MetaDoc(_Doc):
     format: Literal["anomalyd-bundle"]
-    format_version: Literal[1, 2]
+    format_version: Literal[1, 2, 3]
     model_id: str = Field(min_length=1, max_length=256, pattern=PRINTABLE)
     created_at: str = Field(max_length=64, description="UTC, ISO 8601 with offset")
     features: FeaturesDoc
@@ -229,6 +240,7 @@ class MetaDoc(_Doc):
     training: TrainingDoc = TrainingDoc()
     export: dict[str, Any] = {}
     versions: dict[str, Annotated[str, Field(max_length=256)]] = Field({}, max_length=64)
+    residual: ResidualDoc | None = None  # format 3, where it is required
 
     @field_validator("created_at")
     @classmethod
@@ -236,10 +248,15 @@ class MetaDoc(_Doc):
         return _aware_iso_time(value)
 
     @model_validator(mode="after")
-    def _levelling_needs_version_2(self) -> MetaDoc:
+    def _fields_match_the_version(self) -> MetaDoc:
         # A version 1 reader would ignore the field and score unlevelled windows: wrong, silently.
         if self.format_version == 1 and "levelling" in self.normalisation.model_fields_set:
             raise ValueError("normalisation.levelling needs format_version 2")
+        # Either way round a reader would score differently from the trainer, silently.
+        if self.format_version < 3 and self.residual is not None:
+            raise ValueError("residual needs format_version 3")
+        if self.format_version >= 3 and self.residual is None:
+            raise ValueError("residual: required from format_version 3 on (how windows are scored)")
         return self
 
 
@@ -263,7 +280,9 @@ def _where(loc: tuple[int | str, ...]) -> str:
         elif isinstance(part, int) or model is None:
             path += f"[{part!r}]"
         else:
-            path += f".{part}" if path else part
+            # An unknown key may hold anything, a line break included: quoted unless a plain name.
+            name = part if part.isidentifier() else repr(part)
+            path += f".{name}" if path else name
         model = _submodel(model, part)
     return path or "(top level)"
 

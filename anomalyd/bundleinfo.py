@@ -105,6 +105,8 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "hop_frames": window.hop_frames,
             "pool_frames": window.pool_frames,
             "levelling": bundle.meta.normalisation.levelling,
+            # Format 3: bands weighed by the residual's spread on training windows; before, all alike.
+            "score": "band_weighted" if bundle.meta.residual is not None else "squared_residual",
             "seconds": round(window.n_frames * hop_s, 3),
             "hop_seconds": round(window.hop_frames * hop_s, 3),
         },
@@ -188,7 +190,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"features        {f['sample_rate']} Hz, n_fft {f['n_fft']}, hop {f['hop_length']} "
         f"({f['frames_per_second']} frames/s), {f['n_mels']} mel bands up to {f['fmax']:g} Hz",
         f"windows         {w['n_frames']} frames ({w['seconds']} s) every {w['hop_frames']} "
-        f"({w['hop_seconds']} s), residual pooled over {w['pool_frames']}, levelling {w['levelling']}",
+        f"({w['hop_seconds']} s), residual pooled over {w['pool_frames']}, levelling {w['levelling']}, "
+        f"score {w['score']}",
         f"threshold       clip {th['value']:.5f} = {th['mean']:.5f} + {th['k']:g} x {th['std']:.5f} "
         f"({th['n_clips']} validation clips)",
         f"                window {th['window_value']:.5f} = {th['window_mean']:.5f} + {th['k']:g} x "

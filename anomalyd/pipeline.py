@@ -357,11 +357,11 @@ class Pipeline:
         batch = self._max_batch()
         for items in by_model.values():
             model = items[0][0].model
-            pool = model.bundle.meta.window.pool_frames
+            pool, residual = model.bundle.meta.window.pool_frames, model.bundle.meta.residual
             for start in range(0, len(items), batch):
                 chunk = items[start : start + batch]
                 values = np.stack([w.values for _, w in chunk])
-                scores = window_errors(values, model.autoencoder.reconstruct(values), pool)
+                scores = window_errors(values, model.autoencoder.reconstruct(values), pool, residual)
                 for (runtime, window), score in zip(chunk, scores, strict=True):
                     self._emit(runtime.scored(window, float(score)))
                 self.windows_scored += len(chunk)

@@ -26,6 +26,7 @@ from anomalyd.bundle import Bundle
 from anomalyd.errors import AudioError, ScoreError
 from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder, open_autoencoder
+from anomalyd.residual import ResidualStats
 from anomalyd.streaming import StreamingWindows, Window
 from anomalyd.windows import Normalisation, WindowGeometry, slice_windows, window_errors
 
@@ -72,11 +73,13 @@ class ClipScorer:
         geometry: WindowGeometry,
         normalisation: Normalisation,
         autoencoder: Autoencoder,
+        residual: ResidualStats | None = None,
     ) -> None:
         self.logmel = logmel
         self.geometry = geometry
         self.normalisation = normalisation
         self.autoencoder = autoencoder
+        self.residual = residual  # None: a format 1 or 2 bundle, scored by the squared pooled residual
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, threads: int = 1) -> ClipScorer:
@@ -86,6 +89,7 @@ class ClipScorer:
             meta.window,
             meta.normalisation,
             open_autoencoder(bundle, threads),
+            meta.residual,
         )
 
     @property
@@ -98,7 +102,7 @@ class ClipScorer:
         reconstructed = self.autoencoder.reconstruct(normalised)
         # Overflow is not warned about here: a score that is not finite is refused explicitly, in one line.
         with np.errstate(over="ignore", invalid="ignore"):
-            return window_errors(normalised, reconstructed, self.geometry.pool_frames)
+            return window_errors(normalised, reconstructed, self.geometry.pool_frames, self.residual)
 
     def score_logmel(self, logmel: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
         """Score a (n_mels, n_frames) log-mel of at least one window."""

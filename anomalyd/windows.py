@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from anomalyd.residual import ResidualStats
+
 N_FRAMES = 64  # frames per window, 2.05 s at 16 kHz / hop 512
 HOP_FRAMES = 16  # frames between window starts when scoring, 0.51 s
 POOL_FRAMES = 64  # frames averaged in the residual before squaring: the whole window
@@ -50,18 +52,34 @@ class WindowGeometry:
         return 1 + (total_frames - self.n_frames) // self.hop_frames
 
 
-def window_errors(
+def pool_residual(
     windows: npt.NDArray[np.float32], reconstructions: npt.NDArray[np.float32], pool_frames: int
 ) -> npt.NDArray[np.float32]:
-    """(n, n_mels, n_frames) inputs and reconstructions -> (n,) scores.
-
-    Score = mean over mel bands and blocks of (the residual averaged over `pool_frames` frames) squared.
-    """
+    """(n, n_mels, n_frames) inputs and reconstructions -> (n, n_mels, n_frames // pool_frames): the
+    reconstruction error averaged over each block of `pool_frames` frames."""
     n, n_mels, n_frames = windows.shape
     assert reconstructions.shape == windows.shape, (reconstructions.shape, windows.shape)
     assert n_frames % pool_frames == 0, (n_frames, pool_frames)
     residual = (reconstructions - windows).reshape(n, n_mels, n_frames // pool_frames, pool_frames)
-    return np.asarray(np.mean(residual.mean(axis=3) ** 2, axis=(1, 2)), dtype=np.float32)
+    return np.asarray(residual.mean(axis=3), dtype=np.float32)
+
+
+def window_errors(
+    windows: npt.NDArray[np.float32],
+    reconstructions: npt.NDArray[np.float32],
+    pool_frames: int,
+    residual: ResidualStats | None = None,
+) -> npt.NDArray[np.float32]:
+    """(n, n_mels, n_frames) inputs and reconstructions -> (n,) scores.
+
+    With the bundle's residual statistics (format 3): the mean over bands and blocks of the pooled residual's
+    squared distance from its training mean, in units of its training variance (anomalyd/residual.py).
+    Without (formats 1 and 2): the mean over bands and blocks of the pooled residual squared.
+    """
+    pooled = pool_residual(windows, reconstructions, pool_frames)
+    if residual is not None:
+        return residual.score(pooled)
+    return np.asarray(np.mean(pooled**2, axis=(1, 2)), dtype=np.float32)
 
 
 def slice_windows(logmel: npt.NDArray[np.float32], n_frames: int, hop_frames: int) -> npt.NDArray[np.float32]:

@@ -2,24 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+import soundfile as sf
 from onnx import TensorProto, helper
 
-from anomalyd.bundle import load_bundle, make_world_readable, sha256_file
+from anomalyd.bundle import load_bundle, make_world_readable, sha256_file, write_meta
 from anomalyd.errors import BundleError, ChecksumError, IncompatibleBundleError
 from anomalyd.inference import open_autoencoder
 from anomalyd.scoring import ClipScorer
+from anomalyd.windows import pool_residual, slice_windows
 from tests.bundle_helpers import WINDOWS, edit_meta, install_graph, rehash, window_info
 from tests.conftest import ROOT
 from training.export import ONNX_IR_VERSION
@@ -75,14 +79,23 @@ def test_not_a_bundle(tmp_path: Path) -> None:
 
 def test_future_format_version(copy: Path) -> None:
     edit_meta(copy, lambda m: m.update(format_version=99))
-    with pytest.raises(IncompatibleBundleError, match="format version 99, this anomalyd reads versions 1, 2"):
+    with pytest.raises(
+        IncompatibleBundleError, match="format version 99, this anomalyd reads versions 1, 2, 3"
+    ):
         load_bundle(copy)
 
 
 def _as_version_1(meta: dict[str, Any]) -> None:
-    """model.json as a version 1 writer made it: no levelling, which such bundles never had."""
+    """model.json as a version 1 writer made it: no levelling and no residual statistics."""
     meta.update(format_version=1)
     del meta["normalisation"]["levelling"]
+    del meta["residual"]
+
+
+def _as_version_2(meta: dict[str, Any]) -> None:
+    """model.json as a version 2 writer made it: levelled, no residual statistics."""
+    meta.update(format_version=2)
+    del meta["residual"]
 
 
 def test_version_1_bundle_still_loads_and_scores_unlevelled_windows(copy: Path, synth_train: Path) -> None:
@@ -98,9 +111,60 @@ def test_version_1_bundle_still_loads_and_scores_unlevelled_windows(copy: Path, 
 
 
 def test_version_1_bundle_claiming_levelling_is_refused(copy: Path) -> None:
-    edit_meta(copy, lambda m: m.update(format_version=1))
+    edit_meta(copy, lambda m: (m.update(format_version=1), m.pop("residual")))
     with pytest.raises(BundleError, match=r"normalisation\.levelling needs format_version 2"):
         load_bundle(copy)
+
+
+def test_version_2_bundle_still_loads_and_scores_the_squared_pooled_residual(
+    copy: Path, synth_train: Path
+) -> None:
+    clip = sorted(synth_train.glob("*.wav"))[0]
+    weighted = ClipScorer.from_bundle(load_bundle(copy)).score_file(clip).score
+    edit_meta(copy, _as_version_2)
+    old = load_bundle(copy)
+    assert old.meta.residual is None
+    scorer = ClipScorer.from_bundle(old)
+    plain = scorer.score_file(clip).score
+    # What a version 2 reader computed: the mean squared pooled residual of the same windows.
+    audio, _ = sf.read(clip, dtype="float32")
+    g = old.meta.window
+    windows = old.meta.normalisation.apply(slice_windows(scorer.logmel(audio), g.n_frames, g.hop_frames))
+    residual = pool_residual(windows, scorer.autoencoder.reconstruct(windows), g.pool_frames)
+    assert plain == pytest.approx(float(np.mean(residual.astype(np.float64) ** 2)), rel=1e-4)
+    assert plain != pytest.approx(weighted, rel=1e-3)
+
+
+def test_rewriting_a_version_2_bundle_keeps_it_version_2(copy: Path) -> None:
+    """What `calibrate` does to model.json: a bundle without residual statistics must not come back
+    claiming version 3, which requires them."""
+    edit_meta(copy, _as_version_2)
+    meta = load_bundle(copy).meta
+    write_meta(copy, replace(meta, threshold=replace(meta.threshold, k=4.0)))
+    again = load_bundle(copy)
+    assert json.loads((copy / "model.json").read_text())["format_version"] == 2
+    assert again.meta.residual is None
+    assert again.meta.threshold.k == 4.0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m.pop("residual"), r"residual: required from format_version 3 on"),
+        (lambda m: m.update(format_version=2), r"residual needs format_version 3"),
+        (lambda m: m["residual"]["var"].__setitem__(5, 0.0), r"residual\.var\[5\]"),
+        (lambda m: m["residual"].update(mean=[0.0] * 64), "residual mean has 64 values, features have 128"),
+        (lambda m: m["residual"].update(n_blocks=1), r"residual\.n_blocks"),
+    ],
+    ids=["missing", "version-2", "zero-var", "short", "one-block"],
+)
+def test_bad_residual_statistics_are_refused_in_one_line(
+    copy: Path, change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    edit_meta(copy, change)
+    with pytest.raises(BundleError, match=message) as info:
+        load_bundle(copy)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -282,7 +346,7 @@ def nested(depth: int) -> Any:
         ),
         (
             lambda m: m.update(format_version=True),
-            r"bundle format version True, this anomalyd reads versions 1, 2",
+            r"bundle format version True, this anomalyd reads versions 1, 2, 3",
         ),
         (lambda m: m.update(format_version="1"), r"bundle format version '1', this anomalyd reads versions"),
         (

@@ -8,7 +8,8 @@ import pytest
 
 from anomalyd.audio import load_audio
 from anomalyd.features import FeatureParams, LogMel
-from anomalyd.windows import Normalisation, WindowGeometry, slice_windows, window_errors
+from anomalyd.residual import VAR_FLOOR, ResidualStats
+from anomalyd.windows import Normalisation, WindowGeometry, pool_residual, slice_windows, window_errors
 from tests.conftest import MIMII
 from training.dataset import make_filterbank
 
@@ -107,6 +108,46 @@ def test_window_errors_pool_one_is_mse_and_pooling_cancels_zero_mean_noise() -> 
     np.testing.assert_allclose(window_errors(x, x + alternating, pool_frames=2), 0.0, atol=1e-12)
     # A steady offset survives pooling unchanged.
     np.testing.assert_allclose(window_errors(x, x + 0.5, pool_frames=16), 0.25, rtol=1e-6)
+
+
+def test_residual_statistics_weigh_each_band_by_its_spread_on_normal_windows() -> None:
+    rng = np.random.default_rng(0)
+    spread = np.linspace(0.3, 2.0, 8)  # band 0 rebuilt closely on normal sound, band 7 loosely
+    pooled = (rng.standard_normal((500, 8, 4)) * spread[None, :, None] + 0.3).astype(np.float32)
+    stats = ResidualStats.fit([pooled[:200], pooled[200:]])  # batch by batch, as training feeds it
+    flat = np.moveaxis(pooled, 1, -1).reshape(-1, 8).astype(np.float64)
+    assert stats.n_blocks == 2000
+    np.testing.assert_allclose(stats.mean, flat.mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(stats.var, flat.var(axis=0, ddof=1), rtol=1e-4)
+    # Normal windows score about 1 on average, whatever the bands' spreads.
+    assert stats.score(pooled).mean() == pytest.approx(1.0, rel=1e-2)
+    # The same shift is news in a tight band and hardly in a loose one.
+    shifted = np.repeat(stats.mean[None, :, None], 2, axis=0)
+    shifted[0, 0] += 1.0
+    shifted[1, 7] += 1.0
+    tight, loose = stats.score(shifted)
+    assert tight == pytest.approx(1 / (8 * stats.var[0]), rel=1e-4)
+    assert tight > 20 * loose
+    # window_errors with the statistics is that score of the pooled residual.
+    x = rng.standard_normal((3, 8, 64)).astype(np.float32)
+    recon = x + rng.standard_normal((3, 8, 64)).astype(np.float32)
+    np.testing.assert_allclose(
+        window_errors(x, recon, 16, stats), stats.score(pool_residual(x, recon, 16)), rtol=1e-6
+    )
+
+
+def test_a_band_rebuilt_exactly_cannot_weigh_without_bound() -> None:
+    rng = np.random.default_rng(1)
+    pooled = rng.standard_normal((100, 8, 1)).astype(np.float32)
+    pooled[:, 3] = 0.25  # the model rebuilds band 3 of every training window exactly
+    stats = ResidualStats.fit([pooled])
+    others = np.median(np.delete(stats.var, 3))
+    assert VAR_FLOOR * others * 0.5 < stats.var[3] <= VAR_FLOOR * float(np.median(stats.var)) * 1.0001
+    silent = ResidualStats.fit([np.zeros((10, 8, 1), np.float32)])  # rebuilt exactly everywhere
+    assert np.all(silent.var > 0)
+    assert np.all(np.isfinite(silent.score(np.ones((1, 8, 1), np.float32))))
+    with pytest.raises(ValueError, match="at least 2 pooled residual blocks, got 1"):
+        ResidualStats.fit([pooled[:1]])
 
 
 def test_normalisation_round_trip() -> None:

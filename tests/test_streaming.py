@@ -87,6 +87,8 @@ def test_streamed_scores_equal_anomalyd_score(
         last = i == len(chunks(file_samples, seed=rate)) - 1
         windows += streamer.push(resampler(block, last=last))
     values = np.stack([w.values for w in windows])
-    streamed = window_errors(values, scorer.autoencoder.reconstruct(values), bundle.meta.window.pool_frames)
+    streamed = window_errors(
+        values, scorer.autoencoder.reconstruct(values), bundle.meta.window.pool_frames, bundle.meta.residual
+    )
     assert len(streamed) == len(offline)
     np.testing.assert_allclose(streamed, offline, rtol=1e-4, atol=1e-6)

@@ -15,6 +15,7 @@ import logging
 import platform
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,10 @@ from anomalyd.bundle import (
 from anomalyd.errors import BundleError
 from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder, open_autoencoder
+from anomalyd.residual import ResidualStats
 from anomalyd.scoring import ClipScorer
-from anomalyd.windows import Normalisation, WindowGeometry
+from anomalyd.windows import Normalisation, WindowGeometry, pool_residual
+from training.blocks import WindowSet
 from training.dataset import Clip
 from training.model import Architecture, ConvAutoencoder
 
@@ -53,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - torch| on the same windows
 ONNX_OPSET = 17
+RESIDUAL_BATCH = 256  # training windows per ONNX Runtime call when fitting the residual statistics
 # The file's IR version is set to the lowest one that can carry ONNX_OPSET (8 for opset 17), never the
 # newest the installed `onnx` knows: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot load (it reads up
 # to IR 13). The oldest IR keeps bundles loadable by the oldest runtime that has the operators.
@@ -69,6 +73,7 @@ class ExportInputs:
     geometry: WindowGeometry
     normalisation: Normalisation
     val_clips: list[Clip]  # held-out normal clips the threshold is fitted on
+    train_windows: WindowSet  # normalised training windows: the residual statistics are fitted on them
     parity_windows: npt.NDArray[np.float32]  # (n, n_mels, n_frames) normalised windows
     k: float
     training: dict[str, Any]
@@ -105,6 +110,17 @@ def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDAr
     if not diff <= PARITY_TOLERANCE:
         raise BundleError(f"ONNX export differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     return diff
+
+
+def fit_residual(runtime: Autoencoder, windows: WindowSet, pool_frames: int) -> ResidualStats:
+    """Each band's pooled residual statistics over the training windows, as the exported model gives them."""
+
+    def pooled() -> Iterator[npt.NDArray[np.float32]]:
+        for start in range(0, len(windows), RESIDUAL_BATCH):
+            batch = windows.take(np.arange(start, min(start + RESIDUAL_BATCH, len(windows))))[:, 0].numpy()
+            yield pool_residual(batch, runtime.reconstruct(batch), pool_frames)
+
+    return ResidualStats.fit(pooled())
 
 
 def fit_threshold(scorer: ClipScorer, val_clips: list[Clip], k: float) -> Threshold:
@@ -165,7 +181,8 @@ def export_bundle(inp: ExportInputs) -> Bundle:
 
     runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.n_frames)
     max_diff = check_parity(inp.model, runtime, inp.parity_windows)
-    scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime)
+    residual = fit_residual(runtime, inp.train_windows, inp.geometry.pool_frames)
+    scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime, residual)
     threshold = fit_threshold(scorer, inp.val_clips, inp.k)
 
     files = {name: sha256_file(built / name) for name in (MODEL_FILE, FILTERBANK_FILE, WEIGHTS_FILE)}
@@ -186,6 +203,7 @@ def export_bundle(inp: ExportInputs) -> Bundle:
             "parity_windows": len(inp.parity_windows),
         },
         versions=versions(),
+        residual=residual,
     )
     write_meta(built, meta)
     make_world_readable(built)

@@ -456,6 +456,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
             geometry=geometry,
             normalisation=norm,
             val_clips=val_clips,
+            train_windows=x_train,
             parity_windows=x_val.take(np.arange(min(64, len(x_val))))[:, 0].numpy(),
             k=config.k,
             training=training_info,
