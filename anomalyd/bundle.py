@@ -32,7 +32,8 @@ from anomalyd.residual import ResidualStats
 from anomalyd.windows import Normalisation, WindowGeometry
 
 BUNDLE_FORMAT = "anomalyd-bundle"
-# Version 2 adds normalisation.levelling; version 1 bundles still load, and score as they always did.
+# Version 2 adds normalisation.levelling, version 3 the residual statistics that weigh each band's score;
+# version 1 and 2 bundles still load, and score as they always did.
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "model.json"

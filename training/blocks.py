@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,11 @@ class WindowSet:
     def numel(self) -> int:
         """Values in all windows together (n_windows * n_mels * n_frames)."""
         return len(self) * int(self._view.shape[0]) * self.n_frames
+
+    def batches(self, size: int) -> Iterator[torch.Tensor]:
+        """All windows in order, `size` at a time (the last batch may be shorter), as `take` gives them."""
+        for start in range(0, len(self), size):
+            yield self.take(np.arange(start, min(start + size, len(self))))
 
     def take(self, index: npt.NDArray[np.int64] | torch.Tensor) -> torch.Tensor:
         """The windows at `index` as a (len(index), 1, n_mels, n_frames) float32 tensor."""

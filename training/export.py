@@ -15,7 +15,6 @@ import logging
 import platform
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,12 +114,10 @@ def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDAr
 def fit_residual(runtime: Autoencoder, windows: WindowSet, pool_frames: int) -> ResidualStats:
     """Each band's pooled residual statistics over the training windows, as the exported model gives them."""
 
-    def pooled() -> Iterator[npt.NDArray[np.float32]]:
-        for start in range(0, len(windows), RESIDUAL_BATCH):
-            batch = windows.take(np.arange(start, min(start + RESIDUAL_BATCH, len(windows))))[:, 0].numpy()
-            yield pool_residual(batch, runtime.reconstruct(batch), pool_frames)
+    def pooled(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        return pool_residual(batch, runtime.reconstruct(batch), pool_frames)
 
-    return ResidualStats.fit(pooled())
+    return ResidualStats.fit(pooled(b[:, 0].numpy()) for b in windows.batches(RESIDUAL_BATCH))
 
 
 def fit_threshold(scorer: ClipScorer, val_clips: list[Clip], k: float) -> Threshold:

@@ -232,8 +232,7 @@ def _mean_loss(model: ConvAutoencoder, x: WindowSet, batch_size: int) -> float:
     model.eval()
     with torch.no_grad():
         total = 0.0
-        for start in range(0, len(x), batch_size):
-            batch = x.take(np.arange(start, min(start + batch_size, len(x))))
+        for batch in x.batches(batch_size):
             total += torch.nn.functional.mse_loss(model(batch), batch, reduction="sum").item()
     return total / x.numel
 
@@ -419,9 +418,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         result.best_val_loss,
         result.best_epoch,
     )
-    batches = (x_train.take(np.arange(s, min(s + config.batch_size, len(x_train))))
-               for s in range(0, len(x_train), config.batch_size))  # fmt: skip
-    code_share = active_code_share(model, batches)
+    code_share = active_code_share(model, x_train.batches(config.batch_size))
     if code_share == 0:
         logger.warning(
             "the autoencoder's code is zero on every training window (a dead code): the model rebuilds one "
