@@ -6,8 +6,8 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Debian packages the project needs at run or test time.
-APT_PACKAGES := libportaudio2 alsa-utils systemd mosquitto mosquitto-clients openssl
+# Debian packages the project needs at run or test time (chromium: the dashboard's browser tests).
+APT_PACKAGES := libportaudio2 alsa-utils systemd mosquitto mosquitto-clients openssl chromium
 DEMO := demo-out
 
 .PHONY: setup system-deps demo test lint typecheck bench clean ha-setup test-ha

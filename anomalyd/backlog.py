@@ -8,6 +8,7 @@ number of events, not of messages. When it is full, source status rows go first,
 from __future__ import annotations
 
 import datetime as dt
+import json
 import sqlite3
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class MuteRow:
 class ClipRow:
     event_id: str
     path: str
+    event_offset: float = 0.0  # seconds from the clip's start to the event's
 
 
 @dataclass(frozen=True)
@@ -65,12 +67,14 @@ DROP_ORDER: tuple[type[Row], ...] = (StatusRow, ClipRow, DiscoveryRow, MinutesRo
 _EVENT_COLUMNS = (
     "event_id", "node", "stream", "state", "started_at", "ended_at", "start_sample", "end_sample",
     "score", "peak_score", "mean_score", "threshold", "mean", "std", "k", "model_id", "windows",
-    "windows_over", "end_reason", "updated_at", "published",
+    "windows_over", "end_reason", "updated_at", "published", "scores",
 )  # fmt: skip
+# A message without scores (an `end` made for an event a crash left open) keeps those already written.
 _UPSERT_EVENT = (
     f"INSERT INTO events ({', '.join(_EVENT_COLUMNS)}) VALUES ({', '.join('?' * len(_EVENT_COLUMNS))}) "
     "ON CONFLICT(event_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _EVENT_COLUMNS if c != "event_id")
+    + ", ".join(f"{c} = excluded.{c}" for c in _EVENT_COLUMNS if c not in ("event_id", "scores"))
+    + ", scores = coalesce(excluded.scores, scores)"
 )
 
 
@@ -83,6 +87,7 @@ def event_row(event: AnomalyEvent, published: bool) -> dict[str, Any]:
         "end_reason": event.reason or None,
         "updated_at": iso(event.at),
         "published": int(published),
+        "scores": json.dumps(event.scores, separators=(",", ":")) if event.scores else None,
     }
 
 
@@ -105,7 +110,10 @@ def apply_rows(conn: sqlite3.Connection, rows: list[Row]) -> None:
         elif isinstance(row, DiscoveryRow):
             _save_discovery(conn, row)
         else:
-            conn.execute("UPDATE events SET clip_path = ? WHERE event_id = ?", [row.path, row.event_id])
+            conn.execute(
+                "UPDATE events SET clip_path = ?, clip_offset = ? WHERE event_id = ?",
+                [row.path, row.event_offset, row.event_id],
+            )
 
 
 def _save_discovery(conn: sqlite3.Connection, row: DiscoveryRow) -> None:

@@ -9,6 +9,8 @@ event store) on `--streams` files replayed as fast as it takes them: how many se
 through per second, i.e. how many real-time streams its one worker thread could carry. Then two figures
 of behaviour under overload: how long a stop takes with 256 fast streams and a full queue, and how far
 scores trail the audio (the lag the daemon reports) with more real-time streams than the box can score.
+Last, the daemon's memory and CPU with 16 real-time streams, without and with the dashboard (a page open
+and Prometheus scraping): anomalyd/bench_web.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.config import parse_config
 from anomalyd.pipeline import Pipeline
@@ -37,6 +40,7 @@ from anomalyd.store import StoreWriter
 _STARTUP_PROBE = """
 import resource, sys, time
 t0 = time.perf_counter()
+from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.scoring import ClipScorer
 import numpy as np
@@ -45,6 +49,9 @@ t1 = time.perf_counter()
 scorer.score_samples(np.zeros(16000 * 10, dtype=np.float32) + 1e-3)
 print(t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'torch' in sys.modules)
 """
+
+
+WEB_STREAMS = 16  # the dashboard's cost is measured with this many real-time streams
 
 
 def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
@@ -157,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_s, discarded = stop_under_load(args.bundle)
     overload = min(512, max(16, int(1.5 * throughput)))
     max_lag, lagging = lag_under_overload(args.bundle, overload)
+    web_off, web_on = web_cost(args.bundle, WEB_STREAMS)
 
     rows = [
         ("log-mel, per second of audio", f"{feature_s * 1e3:.3f} ms"),
@@ -171,7 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         ("peak RSS of the benchmark with the pipeline", f"{pipeline_rss:.0f} MB"),
         ("stop with 256 fast streams and a full queue", f"{stop_s:.2f} s ({discarded} blocks discarded)"),
         (f"lag after 20 s of {overload} real-time streams", f"{max_lag:.1f} s ({lagging} flagged lagging)"),
-    ]
+        (f"daemon, {WEB_STREAMS} real-time streams: RSS, CPU", f"{web_off.rss_mb:.0f} MB, "
+         f"{web_off.cpu_percent:.1f} % of a core"),
+        ("  the same with the dashboard, a page open, scrapes", f"{web_on.rss_mb:.0f} MB, "
+         f"{web_on.cpu_percent:.1f} % of a core"),
+        ("  added by the dashboard", f"{web_on.rss_mb - web_off.rss_mb:+.1f} MB, "
+         f"{web_on.cpu_percent - web_off.cpu_percent:+.2f} % of a core"),
+    ]  # fmt: skip
     width = max(len(name) for name, _ in rows)
     print(f"model {bundle.meta.model_id}, 1 thread")
     print(f"{'measure':<{width}}  value")

@@ -21,6 +21,7 @@ class _Collecting:
     first_sample: int
     chunks: list[npt.NDArray[np.float32]]
     length: int
+    event_sample: int  # where the event starts
     stop_at: int | None = None  # sample index where the clip ends, once the event has ended
 
 
@@ -58,12 +59,13 @@ class ClipRecorder:
         begin = start_sample - int(self.config.pre_roll_seconds * self.rate)
         chunks = [(s, a) for s, a in self._ring if s + len(a) > begin]
         if not chunks:  # nothing kept reaches back that far: the clip starts with the next audio
-            self._clip = _Collecting(event_id, started_at, self._end, [], 0)
+            self._clip = _Collecting(event_id, started_at, self._end, [], 0, start_sample)
             return
         first, head = chunks[0]
         cut = max(0, begin - first)
         arrays = [head[cut:]] + [a for _, a in chunks[1:]]
-        self._clip = _Collecting(event_id, started_at, first + cut, arrays, sum(len(a) for a in arrays))
+        length = sum(len(a) for a in arrays)
+        self._clip = _Collecting(event_id, started_at, first + cut, arrays, length, start_sample)
 
     def end(self, end_sample: int) -> ClipJob | None:
         """The event ended at `end_sample`: the clip closes after the post-roll (now, if already there)."""
@@ -89,4 +91,5 @@ class ClipRecorder:
             samples=samples[: self._max],
             sample_rate=self.rate,
             directory=self.config.directory,
+            event_offset=(clip.event_sample - clip.first_sample) / self.rate,
         )

@@ -288,6 +288,26 @@ class ControlConfig(_Section):
         return path
 
 
+class WebConfig(_Section):
+    enabled: bool = Field(False, description="serve the dashboard, /metrics and /healthz from the daemon")
+    listen: str = Field(
+        "127.0.0.1",
+        pattern=r"^[A-Za-z0-9.:_\[\]%-]{1,253}$",
+        description="address to listen on: 127.0.0.1 = this box only (the default); 0.0.0.0 or an "
+        "interface's address opens the read-only pages and /metrics to that network",
+    )
+    port: int = Field(8470, ge=1, le=65535, description="TCP port of the dashboard")
+    token_file: Path | None = Field(
+        None,
+        description="file holding the token that muting and marking from the dashboard need (at least 16 "
+        "characters; e.g. a systemd credential); empty = the systemd credential 'web-token' when the unit "
+        "passes one, else the dashboard is read-only. Never put the token itself in this file",
+    )
+    history_minutes: float = Field(
+        10.0, ge=1, le=120, description="minutes of scores each stream's tile shows"
+    )
+
+
 class DaemonConfig(_Section):
     node: str = Field(
         "",
@@ -300,6 +320,7 @@ class DaemonConfig(_Section):
     health: HealthConfig = HealthConfig()
     mqtt: MqttConfig = MqttConfig()
     control: ControlConfig = ControlConfig()
+    web: WebConfig = WebConfig()
     streams: list[StreamConfig] = Field(min_length=1, description="one entry per monitored machine")
 
     @field_validator("node")
@@ -330,6 +351,12 @@ def config_warnings(config: DaemonConfig) -> list[str]:
     """Things that work but that an operator should know about (logged at start, shown by check-config)."""
     found = []
     mqtt = config.mqtt
+    web = config.web
+    if web.enabled and web.listen not in ("127.0.0.1", "::1", "localhost"):
+        found.append(
+            f"web: the dashboard listens on {web.listen}: its read-only pages, clips and /metrics are open "
+            "to that network; muting and marking still need the token"
+        )
     if mqtt.enabled and mqtt.has_credentials and not mqtt.tls.enabled:
         found.append(
             f"mqtt: credentials are configured without TLS: the password crosses the network to "
@@ -433,6 +460,8 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
         }
     )
     control = config.control.model_copy(update={"socket": absolute(config.control.socket)})
+    token = config.web.token_file
+    web = config.web.model_copy(update={"token_file": absolute(token) if token is not None else None})
     streams = []
     for stream in config.streams:
         source = stream.source
@@ -440,7 +469,7 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
             source = source.model_copy(update={"path": absolute(source.path)})
         streams.append(stream.model_copy(update={"bundle": absolute(stream.bundle), "source": source}))
     return config.model_copy(
-        update={"storage": storage, "streams": streams, "mqtt": mqtt, "control": control}
+        update={"storage": storage, "streams": streams, "mqtt": mqtt, "control": control, "web": web}
     )
 
 

@@ -88,7 +88,14 @@ def _v5(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE discovery (topic TEXT PRIMARY KEY, published_at TEXT NOT NULL)")
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5]
+def _v6(db: sqlite_utils.Database) -> None:
+    """For the dashboard's event page: the event's window scores (JSON, [[seconds from its start, score],
+    ...]) and where in its clip it starts (seconds from the clip's first sample)."""
+    db.execute("ALTER TABLE events ADD COLUMN scores TEXT")
+    db.execute("ALTER TABLE events ADD COLUMN clip_offset REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_v1, _v2, _v3, _v4, _v5, _v6]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

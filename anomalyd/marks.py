@@ -19,11 +19,11 @@ import os
 import re
 import shutil
 import sqlite3
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from anomalyd.answer import Answer
 from anomalyd.control import Connection, Reply, Request
 from anomalyd.database import transaction
 from anomalyd.errors import CommandError, ControlError, MarkError
@@ -199,7 +199,18 @@ def give_to_folder_owner(database: Path) -> None:
                 os.chown(path, *owner)
 
 
-MARK_WAIT_S = 10.0  # how long a control-channel mark waits for the store's writer
+MARK_WAIT_S = 10.0  # how long a control-channel or dashboard mark waits for the store's writer
+
+
+def submit_mark(put: Callable[[MarkCommand], None], event_id: str, note: str) -> tuple[Marked | None, str]:
+    """Hand a mark to the store's writer (the event log's one writer) and wait for what it did:
+    (Marked, "") or (None, the reason it was refused)."""
+    answer: Answer[Marked | None] = Answer()
+    put(MarkCommand(None, event_id, utc_now(), note=note, answer=answer))
+    outcome = answer.wait(MARK_WAIT_S)
+    if outcome is None:
+        return None, f"the event log did not answer within {MARK_WAIT_S:g} s; try again"
+    return outcome
 
 
 class MarkOp:
@@ -219,17 +230,7 @@ class MarkOp:
             raise ControlError(f"event id {event_id[:40]!r}: {exc}") from exc
         if len(note) > MAX_NOTE_CHARS:
             raise ControlError(f"note: {len(note)} characters; at most {MAX_NOTE_CHARS}")
-        done = threading.Event()
-        outcome: list[tuple[Marked | None, str]] = []
-
-        def answer(marked: Marked | None, refused: str) -> None:
-            outcome.append((marked, refused))
-            done.set()
-
-        self._put(MarkCommand(None, event_id, utc_now(), note=note, answer=answer))
-        if not done.wait(MARK_WAIT_S):
-            raise ControlError(f"the event log did not answer within {MARK_WAIT_S:g} s; try again")
-        marked, refused = outcome[0]
+        marked, refused = submit_mark(self._put, event_id, note)
         if marked is None:
             raise ControlError(refused)
         return {

@@ -11,7 +11,8 @@ import datetime as dt
 import re
 import sqlite3
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from anomalyd.errors import CommandError
 from anomalyd.records import iso
@@ -73,12 +74,14 @@ def parse_minutes_command(payload: bytes) -> float:
 @dataclass(frozen=True)
 class MuteCommand:
     """A parsed command for the store's writer: mute `stream` for `seconds` (0: unmute; None: for the
-    stream's mute duration), or, when `refused` says why, only acknowledge it with the current state."""
+    stream's mute duration), or, when `refused` says why, only acknowledge it with the current state.
+    `answer`, when given, is told the outcome from the writer's thread: (muted until or None, refusal)."""
 
     stream: str
     seconds: float | None
     at: dt.datetime
     refused: str = ""
+    answer: Callable[[dt.datetime | None, str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,7 @@ class Pipeline:
         self.windows_scored = 0
         self.blocks_dropped = 0  # capture blocks lost because the worker could not keep up
         self.blocks_discarded = 0  # queued audio given up at shutdown
+        self.events_started: dict[str, int] = defaultdict(int)  # per stream, since the daemon started
         self.tap = AudioTap()  # copies of streams' audio at the model rate for `anomalyd record`
 
     # ---- building ----------------------------------------------------------------------------------
@@ -121,7 +122,10 @@ class Pipeline:
         return models
 
     def _runtime(self, stream: StreamConfig, model: Model, config: DaemonConfig) -> StreamRuntime:
-        return StreamRuntime(stream, model, config.node_id, config.health, config.storage.clips)
+        trail = config.web.history_minutes * 60.0 if config.web.enabled else 0.0
+        return StreamRuntime(
+            stream, model, config.node_id, config.health, config.storage.clips, trail_seconds=trail
+        )
 
     def _make_source(self, key: str, members: tuple[StreamConfig, ...], config: DaemonConfig) -> Source:
         return make_source(
@@ -381,6 +385,8 @@ class Pipeline:
 
     def _emit(self, out: Output) -> None:
         for event in out.events:
+            if event.type == "start":
+                self.events_started[event.stream] += 1
             log = logger.warning if event.type == "start" else logger.info
             log(
                 "stream %s: anomaly %s %s at %s (score %.4f, peak %.4f, threshold %.4f)",

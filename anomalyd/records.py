@@ -67,6 +67,8 @@ class AnomalyEvent:
     windows_over: int
     reason: str  # for an end: recovered, shutdown, stream-ended, reconfigured
     at: dt.datetime  # when this message was made
+    # The window scores so far, (seconds from the start, score), for the event log (not published).
+    scores: tuple[tuple[float, float], ...] = ()
 
     def shared_fields(self) -> dict[str, Any]:
         """The fields that the event log's row and the published message have in common, as plain values."""
@@ -123,3 +125,4 @@ class ClipJob:
     samples: npt.NDArray[np.float32]
     sample_rate: int
     directory: Path
+    event_offset: float = 0.0  # seconds from the clip's first sample to the event's start

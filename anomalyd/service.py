@@ -22,12 +22,14 @@ import threading
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from anomalyd.config import DaemonConfig, config_warnings, load_config
 from anomalyd.contract import Topics
 from anomalyd.control import ControlServer
 from anomalyd.errors import AnomalydError, ControlError
 from anomalyd.homeassistant import HaStream, discovery_messages
+from anomalyd.live import LiveView, watched_beats
 from anomalyd.marks import MarkOp
 from anomalyd.mqtt import Publisher
 from anomalyd.notify import Notifier
@@ -39,12 +41,16 @@ from anomalyd.status import (
     Snapshot,
     diagnostics_payload,
     outbox_backlog,
+    stalled,
     stamped,
     summary,
     take_snapshot,
 )
 from anomalyd.store import Mutes, Outbox, Roster, StoreWriter
 from anomalyd.tap import RecordOp
+
+if TYPE_CHECKING:
+    from anomalyd.web.server import WebServer
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,7 @@ class Daemon:
         self._store: StoreWriter | None = None
         self._node = ""
         self._diagnostics: dict[str, object] | None = None  # the last published, without its time
+        self._main_beat = time.monotonic()  # the main loop's last turn: it is what pings the watchdog
 
     def _on_thread_death(self, args: threading.ExceptHookArgs) -> None:
         """threading.excepthook: any thread's unexpected exception is fatal, never a silent dead thread."""
@@ -157,6 +164,7 @@ class Daemon:
             config.node_id, len(config.streams), config.storage.database,
         )  # fmt: skip
         control = self._start_control(config, pipeline, store)
+        web = self._start_web(config, pipeline, store) if config.web.enabled else None
         self._notifier.ready(self._summary(pipeline))
         try:
             self._serve(pipeline, store)
@@ -165,6 +173,8 @@ class Daemon:
             self._fatal = self._fatal or "main"
         self._notifier.stopping()
         started = time.monotonic()
+        if web is not None:
+            web.stop(1.0)
         if control is not None:
             control.stop(0.5)
         stopped = pipeline.stop(STOP_TIMEOUT_S * 0.5)
@@ -194,6 +204,31 @@ class Daemon:
                            "this daemon): %s", exc)  # fmt: skip
             return None
         logger.info("control channel on %s", config.control.socket)
+        return server
+
+    def _beats(self, pipeline: Pipeline, store: StoreWriter) -> dict[str, float]:
+        return watched_beats(self._main_beat, pipeline, store, self._publisher)
+
+    def _stale_seconds(self) -> float:
+        """How long a thread may show no progress before it counts as stalled."""
+        return max(2.0, self._notifier.watchdog_interval or 0.0)
+
+    def _start_web(self, config: DaemonConfig, pipeline: Pipeline, store: StoreWriter) -> WebServer | None:
+        """The dashboard, /metrics and /healthz; without them the daemon monitors all the same."""
+        # Imported only when enabled: the web stack costs about 20 MB that a headless box need not pay.
+        from anomalyd.web.server import WebServer  # noqa: PLC0415
+
+        view = LiveView(
+            config.node_id, pipeline, store=store, publisher=self._publisher,
+            beats=lambda: self._beats(pipeline, store), stale_seconds=self._stale_seconds(),
+            stopping=self._stop.is_set,
+        )  # fmt: skip
+        server = WebServer(config.web, view)
+        try:
+            server.start()
+        except AnomalydError as exc:
+            logger.error("dashboard off (monitoring goes on): %s", exc)
+            return None
         return server
 
     @staticmethod
@@ -226,6 +261,7 @@ class Daemon:
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
         next_status = time.monotonic() + STATUS_INTERVAL_S
         while not self._stop.is_set():
+            self._main_beat = time.monotonic()
             self._wakeup.wait(tick)
             self._wakeup.clear()
             if self._stop.is_set():
@@ -238,16 +274,14 @@ class Daemon:
                 self._apply_reload(pipeline)
             self._lag.update(self._snapshot(pipeline))
             now = time.monotonic()
-            stale = max(2.0, watchdog or 0.0)
-            beats = [pipeline.heartbeat, store.heartbeat]
-            if self._publisher is not None:
-                beats.append(self._publisher.heartbeat)
-            if all(now - beat < stale for beat in beats):
+            self._main_beat = now
+            beats = self._beats(pipeline, store)
+            if not stalled(beats, now, self._stale_seconds()):
                 self._notifier.watchdog()
             else:
                 logger.error(
-                    "pipeline stalled (idle for %s s: worker, store writer, MQTT); no watchdog ping",
-                    ", ".join(f"{now - beat:.1f}" for beat in beats),
+                    "pipeline stalled (idle for %s s: %s); no watchdog ping",
+                    ", ".join(f"{now - beat:.1f}" for beat in beats.values()), ", ".join(beats),
                 )  # fmt: skip
             if now >= next_status:
                 next_status = now + STATUS_INTERVAL_S
@@ -325,4 +359,6 @@ def _restart_only_changes(old: DaemonConfig, new: DaemonConfig) -> list[str]:
         fixed.append("[mqtt]")
     if old.control != new.control:
         fixed.append("[control]")
+    if old.web != new.web:
+        fixed.append("[web]")
     return fixed

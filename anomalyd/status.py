@@ -81,6 +81,12 @@ def take_snapshot(
     )  # fmt: skip
 
 
+def stalled(beats: dict[str, float], now: float, stale_seconds: float) -> list[str]:
+    """The watched threads that have shown no progress for `stale_seconds` (monotonic times): while any
+    has, the watchdog is not pinged and /healthz says so."""
+    return [name for name, beat in beats.items() if now - beat >= stale_seconds]
+
+
 def outbox_backlog(database: Path) -> int:
     """MQTT messages waiting in the outbox table (0 when it cannot be read now)."""
     try:

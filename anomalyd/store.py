@@ -171,17 +171,19 @@ def _events_since(conn: sqlite3.Connection, since: dt.datetime) -> tuple[dt.date
     return since.date(), int(count)
 
 
-def restore_mutes(conn: sqlite3.Connection, outbox: Outbox, now: dt.datetime) -> None:
-    """Load the mutes kept in the event log; restate them (retained), and acknowledge those that ran
-    out while the daemon was not running."""
+def restore_mutes(conn: sqlite3.Connection, mutes: Mutes, outbox: Outbox | None, now: dt.datetime) -> None:
+    """Load the mutes kept in the event log; restate them (retained, with MQTT), and end (and acknowledge)
+    those that ran out while the daemon was not running."""
     for stream, until in sorted(load_mutes(conn).items()):
         if until > now:
-            outbox.mutes.set(stream, until)
-            outbox.add(conn, [mute_message(outbox.topics, stream, until, now, reason="restored")])
+            mutes.set(stream, until)
+            if outbox is not None:
+                outbox.add(conn, [mute_message(outbox.topics, stream, until, now, reason="restored")])
             logger.warning("stream %s: new alerts stay muted until %s", stream, iso(until))
         else:
             save_mute(conn, stream, None, now)
-            outbox.add(conn, [mute_message(outbox.topics, stream, None, now, reason="expired")])
+            if outbox is not None:
+                outbox.add(conn, [mute_message(outbox.topics, stream, None, now, reason="expired")])
 
 
 class StoreWriter:
@@ -192,6 +194,8 @@ class StoreWriter:
         half-written clips. Raises StoreError (one line: file and cause) when any of it fails."""
         self.config = config
         self.outbox = outbox
+        # Mutes are kept with or without MQTT: the dashboard sets and shows them too.
+        self.mutes = outbox.mutes if outbox is not None else Mutes()
         self._queue: queue.Queue[Item | _Stop] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="store-writer", daemon=True)
         self.db: sqlite_utils.Database = open_database(config.database)
@@ -201,8 +205,7 @@ class StoreWriter:
         try:
             with transaction(self._conn):
                 interrupted = close_interrupted(self._conn, outbox, now)
-                if outbox is not None:
-                    restore_mutes(self._conn, outbox, now)
+                restore_mutes(self._conn, self.mutes, outbox, now)
             self._roster = RosterMemory.load(self._conn)
             self._today = _events_since(self._conn, _local_midnight(now))
         except (OSError, sqlite3.Error) as exc:
@@ -217,6 +220,10 @@ class StoreWriter:
         remove_partial_clips(config.clips.directory)
         self.heartbeat = time.monotonic()
         self.written = 0
+        # Changes with every write that changes what an events list shows (for the dashboard); starts from
+        # the clock so that a page open across a restart sees a new value, never the one it last had.
+        self.events_version = time.time_ns() // 1_000_000
+        self.write_failures = 0  # times a write to the event log failed (a full disk, I/O, a foreign lock)
         self.clips_skipped = 0
         self._backlog = Backlog()
         self._undeleted: set[int] = set()  # acknowledged outbox ids not deleted yet
@@ -389,6 +396,8 @@ class StoreWriter:
                 messages = self.outbox.messages(item, now)
         self._commit(rows, messages, deletes, now)
         self.written += 1
+        if isinstance(item, AnomalyEvent | MarkCommand) or (isinstance(item, ClipJob) and rows):
+            self.events_version += 1
 
     def _commit(
         self, rows: list[Row], messages: list[Message], deletes: tuple[int, ...], now: dt.datetime
@@ -425,16 +434,14 @@ class StoreWriter:
                     "clip of event %s not saved: %s%s", job.event_id, exc, self._clip_warn.take_suppressed()
                 )
             return []
-        return [ClipRow(job.event_id, str(path))] if path is not None else []
+        return [ClipRow(job.event_id, str(path), job.event_offset)] if path is not None else []
 
     # ---- mutes --------------------------------------------------------------------------------------
 
     def _mute(self, command: MuteCommand, now: dt.datetime) -> tuple[list[Row], list[Message]]:
-        outbox = self.outbox
-        if outbox is None:
-            return [], []
+        outbox, mutes = self.outbox, self.mutes
         refused = command.refused
-        minutes = outbox.mutes.minutes(command.stream)
+        minutes = mutes.minutes(command.stream)
         seconds = command.seconds
         if seconds is None:  # "on": for the stream's mute duration
             seconds = (minutes or 0.0) * 60.0
@@ -443,16 +450,24 @@ class StoreWriter:
         if not refused and not (math.isfinite(seconds) and 0 <= seconds <= MAX_MUTE_SECONDS):
             refused = f"expected 0 to {MAX_MUTE_SECONDS} s"
         if refused:
-            current = outbox.mutes.until(command.stream, now)
+            current = mutes.until(command.stream, now)
+            if command.answer is not None:
+                command.answer(current, refused)
+            if outbox is None:
+                return [], []
             return [], [
                 mute_message(outbox.topics, command.stream, current, now, minutes=minutes, refused=refused)
             ]
         until = now + dt.timedelta(seconds=seconds) if seconds > 0 else None
-        outbox.mutes.set(command.stream, until)
+        mutes.set(command.stream, until)
         logger.warning(
             "stream %s: new alerts %s", command.stream, f"muted until {iso(until)}" if until else "unmuted"
         )
+        if command.answer is not None:
+            command.answer(until, "")
         rows: list[Row] = [MuteRow(command.stream, until, now)]
+        if outbox is None:
+            return rows, []
         messages = [mute_message(outbox.topics, command.stream, until, now, minutes=minutes)]
         if until is None:
             lifted, events = outbox.lifted(command.stream, now)
@@ -530,21 +545,23 @@ class StoreWriter:
 
     def _expire_mutes(self, now: dt.datetime) -> None:
         outbox = self.outbox
-        if outbox is None:
-            return
-        for stream in outbox.mutes.expired(now):
-            outbox.mutes.set(stream, None)
+        for stream in self.mutes.expired(now):
+            self.mutes.set(stream, None)
             logger.info("stream %s: mute expired; new alerts are published again", stream)
             rows: list[Row] = [MuteRow(stream, None, now)]
-            minutes = outbox.mutes.minutes(stream)
-            messages = [mute_message(outbox.topics, stream, None, now, minutes=minutes, reason="expired")]
-            lifted, events = outbox.lifted(stream, now)
-            rows += [EventRow(event, True) for event in events]
-            self._commit(rows, messages + lifted, (), now)
+            messages: list[Message] = []
+            if outbox is not None:
+                minutes = self.mutes.minutes(stream)
+                messages = [mute_message(outbox.topics, stream, None, now, minutes=minutes, reason="expired")]
+                lifted, events = outbox.lifted(stream, now)
+                rows += [EventRow(event, True) for event in events]
+                messages += lifted
+            self._commit(rows, messages, (), now)
 
     # ---- when the event log cannot be written ---------------------------------------------------------
 
     def _fail(self, exc: BaseException) -> None:
+        self.write_failures += 1
         self._failure = " ".join(describe(exc, self.config.database).split())
         self._failing_since = time.monotonic()
         self._next_retry = self._failing_since + RETRY_INTERVAL_S

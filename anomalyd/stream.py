@@ -26,6 +26,7 @@ from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceNotice
 from anomalyd.streaming import Resampler, StreamingWindows, Window
+from anomalyd.trace import EventTrace, LeadIn, ScoreTrail
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +69,16 @@ class Output:
 
 class StreamRuntime:
     def __init__(
-        self, config: StreamConfig, model: Model, node: str, health: HealthConfig, clips: ClipsConfig
+        self,
+        config: StreamConfig,
+        model: Model,
+        node: str,
+        health: HealthConfig,
+        clips: ClipsConfig,
+        *,
+        trail_seconds: float = 0.0,
     ) -> None:
+        """`trail_seconds`: keep this much of the recent scores for the dashboard (0: none)."""
         self.config = config
         self.model = model
         self.node = node
@@ -91,8 +100,14 @@ class StreamRuntime:
         block = int(config.source.block_seconds * model.rate)
         lookback = frames_back * meta.features.hop_length + block
         self.clips = ClipRecorder(config.name, clips, model.rate, lookback) if clips.enabled else None
+        hop_seconds = meta.window.hop_frames * meta.features.hop_length / model.rate
+        self.trail = ScoreTrail(math.ceil(trail_seconds / hop_seconds) + 1) if trail_seconds else None
+        self._lead = LeadIn()
+        self._lead_samples = int(clips.pre_roll_seconds * model.rate)  # an event's chart starts this early
+        self._trace: EventTrace | None = None
         self._resampler: Resampler | None = None
         self._anchor: tuple[int, dt.datetime] | None = None  # (sample index, its UTC time)
+        self._anchor_epoch = 0.0  # the anchor's time in Unix seconds
         self._reanchor = True
         self._event_id: str | None = None
         self._event_started_at: dt.datetime | None = None
@@ -109,12 +124,22 @@ class StreamRuntime:
         return self.config.name
 
     @property
+    def event_id(self) -> str | None:
+        """The open event's id."""
+        return self._event_id
+
+    @property
     def event_open(self) -> bool:
         return self._event_id is not None
 
     def time_at(self, sample: int) -> dt.datetime:
         anchor_sample, anchor_time = self._anchor or (0, utc_now())
         return anchor_time + dt.timedelta(seconds=(sample - anchor_sample) / self.model.rate)
+
+    def epoch_at(self, sample: int) -> float:
+        """`time_at` in Unix seconds, without making a datetime (once per scored window)."""
+        anchor_sample = self._anchor[0] if self._anchor is not None else 0
+        return self._anchor_epoch + (sample - anchor_sample) / self.model.rate
 
     def lag_seconds(self, now: dt.datetime) -> float | None:
         """How far the scores trail the audio: now minus the audio time of the last scored window's end.
@@ -139,6 +164,7 @@ class StreamRuntime:
         if self._reanchor:
             # The block's last sample was captured about now; sample counts carry time from here on.
             self._anchor = (first + len(samples), utc_now())
+            self._anchor_epoch = self._anchor[1].timestamp()
             self._reanchor = False
         out.windows = self.windows.push(samples)
         out.audio = samples
@@ -189,6 +215,12 @@ class StreamRuntime:
             return out
         self.windows_scored += 1
         self.last_score = score
+        centre = (window.start_sample + window.end_sample) // 2
+        self._lead.add(centre, score)
+        if self._trace is not None:
+            self._trace.add(centre, score)
+        if self.trail is not None:
+            self.trail.add(self.epoch_at(window.end_sample), score)
         for transition in self.detector.push(
             WindowScore(window.index, window.start_sample, window.end_sample, score)
         ):
@@ -214,6 +246,8 @@ class StreamRuntime:
         if t.phase == Phase.START:
             self._event_id = uuid.uuid4().hex
             self._event_started_at = self.time_at(t.start_sample)
+            lead = self._lead.after(t.start_sample - self._lead_samples)
+            self._trace = EventTrace(t.start_sample, self.model.rate, lead)
             if self.clips is not None:
                 self.clips.start(self._event_id, self._event_started_at, t.start_sample)
         assert self._event_id is not None
@@ -243,12 +277,14 @@ class StreamRuntime:
                 windows_over=t.windows_over,
                 reason=t.reason,
                 at=utc_now(),
+                scores=self._trace.points() if self._trace is not None else (),
             )
         )
         if ended:
             if self.clips is not None:
                 self._add_clip(out, self.clips.end(t.end_sample))
             self._event_id = self._event_started_at = None
+            self._trace = None
         return out
 
     def _status(self, state: SourceState, detail: str) -> SourceStatus:

@@ -76,3 +76,19 @@ def broker(tmp_path: Path, certs: dict[str, Path]) -> Iterator[Broker]:
     b.start()
     yield b
     b.stop()
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; the set-up installs it (never a downloaded browser)
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args(browser_type_launch_args: dict[str, object]) -> dict[str, object]:
+    """Playwright drives Debian's Chromium; a missing one fails the browser tests, never skips them."""
+    assert CHROMIUM.exists(), f"{CHROMIUM} missing: `make test` installs Debian's chromium"
+    return {**browser_type_launch_args, "executable_path": str(CHROMIUM)}
+
+
+@pytest.fixture(scope="session")
+def base_url() -> None:
+    """Each browser test's daemon has its own port: pages are opened by their full URL."""
+    return None

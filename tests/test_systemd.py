@@ -18,13 +18,23 @@ INSTALLED = "/opt/anomalyd/.venv/bin/anomalyd"
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 
 
-@pytest.fixture
-def unit(tmp_path: Path) -> Path:
-    """The unit with ExecStart pointing at this checkout's entry point (verify checks that it exists)."""
+# The drop-in the README gives for the dashboard's write token.
+WEB_TOKEN = "LoadCredential=web-token:/etc/anomalyd/web-token"
+
+
+@pytest.fixture(params=["as shipped", "with the dashboard's token credential"])
+def unit(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """The unit with ExecStart pointing at this checkout's entry point (verify checks that it exists),
+    as shipped and with the web token's credential added as the README says."""
     entry = Path(sys.executable).parent / "anomalyd"
     assert entry.exists(), "the anomalyd entry point is installed in the virtual environment"
+    text = UNIT.read_text().replace(INSTALLED, str(entry))
+    if request.param != "as shipped":
+        assert f"#   systemctl edit anomalyd    ->  [Service]  {WEB_TOKEN}" in text
+        text = text.replace("[Install]", f"{WEB_TOKEN}\n\n[Install]")
+        assert text.index(WEB_TOKEN) > text.index("[Service]")
     copy = tmp_path / "anomalyd.service"
-    copy.write_text(UNIT.read_text().replace(INSTALLED, str(entry)))
+    copy.write_text(text)
     return copy
 
 
