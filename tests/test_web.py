@@ -15,12 +15,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import soundfile as sf
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -453,3 +456,61 @@ def test_the_daemon_imports_no_web_stack_when_the_dashboard_is_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+# ---- hostile input: no request may break the server or reach monitoring --------------------------------
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40)
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+    max_leaves=8,
+)
+
+
+@settings(derandomize=True, deadline=None, database=None, max_examples=250,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+@given(
+    kind=st.sampled_from(["events", "event", "clip", "static", "mute", "mark", "stream"]),
+    text=TEXT,
+    params=st.dictionaries(
+        st.sampled_from(["stream", "since", "state", "marked", "limit", "x"]), TEXT, max_size=4
+    ),
+    body=JSON_VALUE | st.dictionaries(st.sampled_from(["seconds", "note"]), JSON_VALUE, max_size=2),
+)
+def test_no_request_breaks_the_server(
+    served: tuple[WebSetup, DaemonProcess], kind: str, text: str, params: dict[str, str], body: object
+) -> None:
+    """Seeded: the same 250 requests every run (a few seconds). Every answer is a deliberate one (< 500),
+    with the token too; nothing gets muted or marked by accident of parsing."""
+    setup, _ = served
+    client = setup.client()
+    quoted = urllib.parse.quote(text, safe="")
+    if kind == "events":
+        answer = client.get("/api/events?" + urllib.parse.urlencode(params))
+    elif kind == "event":
+        answer = client.get(f"/api/events/{quoted}")
+    elif kind == "clip":
+        answer = client.get(f"/clips/{quoted}")
+    elif kind == "static":
+        answer = client.get(f"/static/{quoted}")
+    elif kind == "stream":
+        answer = client.get(f"/api/streams/{quoted}")
+    elif kind == "mute":
+        answer = client.post(f"/api/streams/{quoted or 'fan'}/mute", body, setup.token)
+    else:
+        answer = client.post(f"/api/events/{quoted or 'x'}/mark", body, setup.token)
+    assert answer.status < 500, (kind, text, params, body, answer.status, answer.body[:200])
+    if kind == "mute" and answer.status == 200:
+        client.post("/api/streams/fan/mute", {"seconds": 0}, setup.token)  # leave the module's daemon unmuted
+
+
+def test_after_the_fuzz_the_daemon_still_scores(served: tuple[WebSetup, DaemonProcess]) -> None:
+    setup, daemon = served
+    client = setup.client()
+    before = client.get_json("/api/overview")["streams"][0]["windows_scored"]
+    daemon.wait_for(lambda: client.get_json("/api/overview")["streams"][0]["windows_scored"] > before + 4, 10.0,
+                    "more windows scored")  # fmt: skip
+    assert client.get("/healthz").status == 200
+    assert "Traceback" not in daemon.log
+    assert client.get_json("/api/events?marked=yes")["total"] == 0
