@@ -30,9 +30,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 
 from anomalyd.bench_limits import limits
+from anomalyd.bench_replays import replays
 from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.config import parse_config
@@ -46,6 +46,7 @@ _STARTUP_PROBE = """
 import resource, sys, time
 t0 = time.perf_counter()
 from anomalyd.bench_limits import limits
+from anomalyd.bench_replays import replays
 from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.scoring import ClipScorer
@@ -70,20 +71,6 @@ def best_of(fn: Callable[[], object], repeats: int = 5) -> float:
     return min(times)
 
 
-def _replays(folder: Path, bundle: Path, streams: int, seconds: float, *, realtime: bool, loop: bool) -> str:
-    """A config of `streams` file replays of noise (one file shared by all of them)."""
-    rate = load_bundle(bundle).meta.features.sample_rate
-    audio = (0.05 * np.random.default_rng(1).standard_normal(int(seconds * rate))).astype(np.float32)
-    sf.write(folder / "noise.wav", audio, rate, subtype="PCM_16")
-    text = "[storage]\n[storage.clips]\nenabled = false\n"
-    for i in range(streams):
-        text += (
-            f'[[streams]]\nname = "s{i}"\nbundle = "{bundle.resolve()}"\n[streams.source]\ntype = "file"\n'
-        )
-        text += f'path = "noise.wav"\nrealtime = {str(realtime).lower()}\nloop = {str(loop).lower()}\n'
-    return text
-
-
 def _running(folder: Path, text: str) -> tuple[Pipeline, StoreWriter]:
     config = parse_config(text, "bench", folder)
     # Random noise is far from any machine: every stream raises events; their log lines are not news.
@@ -100,7 +87,7 @@ def pipeline_throughput(bundle: Path, streams: int, seconds: float) -> tuple[flo
     process (all its threads), over `streams` replays taken as fast as it can."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        text = _replays(folder, bundle, streams, seconds, realtime=False, loop=False)
+        text = replays(folder, bundle, streams, seconds, realtime=False, loop=False)
         started, cpu = time.perf_counter(), time.process_time()
         pipeline, store = _running(folder, text)
         while not pipeline.all_ended():
@@ -116,7 +103,7 @@ def stop_under_load(bundle: Path, streams: int = 256) -> tuple[float, int]:
     """(seconds, blocks discarded) to stop with `streams` fast replays and a full queue."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        pipeline, store = _running(folder, _replays(folder, bundle, streams, 10.0, realtime=False, loop=True))
+        pipeline, store = _running(folder, replays(folder, bundle, streams, 10.0, realtime=False, loop=True))
         time.sleep(5.0)
         started = time.perf_counter()
         pipeline.stop(2.0)
@@ -128,7 +115,7 @@ def lag_under_overload(bundle: Path, streams: int, seconds: float = 20.0) -> tup
     """(largest lag in seconds, streams flagged lagging) after `seconds` of `streams` real-time replays."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        text = _replays(folder, bundle, streams, 30.0, realtime=True, loop=True)
+        text = replays(folder, bundle, streams, 30.0, realtime=True, loop=True)
         pipeline, store = _running(folder, text)
         time.sleep(seconds)
         assert pipeline.config is not None

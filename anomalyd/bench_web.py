@@ -21,10 +21,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import soundfile as sf
-
-from anomalyd.bundle import load_bundle
+from anomalyd.bench_replays import replays
 
 WARM_UP_S = 8.0
 SCRAPE_INTERVAL_S = 5.0
@@ -44,17 +41,11 @@ def _free_port() -> int:
 
 
 def _config(folder: Path, bundle: Path, streams: int, port: int | None) -> Path:
-    rate = load_bundle(bundle).meta.features.sample_rate
-    audio = (0.05 * np.random.default_rng(1).standard_normal(30 * rate)).astype(np.float32)
-    sf.write(folder / "noise.wav", audio, rate, subtype="PCM_16")
-    text = 'log_level = "warning"\n[control]\nsocket = "control.sock"\n'
-    text += "[storage]\n[storage.clips]\nenabled = false\n"
-    if port is not None:
-        text += f"[web]\nenabled = true\nport = {port}\n"
-    for i in range(streams):
-        text += f'[[streams]]\nname = "s{i}"\nbundle = "{bundle.resolve()}"\n'
-        text += "[streams.detector]\nthreshold = 1e9\n"
-        text += '[streams.source]\ntype = "file"\npath = "noise.wav"\nrealtime = true\nloop = true\n'
+    head = 'log_level = "warning"\n[control]\nsocket = "control.sock"\n'
+    head += f"[web]\nenabled = true\nport = {port}\n" if port is not None else ""
+    text = replays(
+        folder, bundle, streams, 30.0, realtime=True, loop=True, head=head, detector="threshold = 1e9"
+    )
     path = folder / "bench.toml"
     path.write_text(text)
     return path

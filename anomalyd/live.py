@@ -22,7 +22,7 @@ from anomalyd.mqtt import Publisher
 from anomalyd.mutes import MAX_MUTE_SECONDS, MuteCommand
 from anomalyd.pipeline import Pipeline
 from anomalyd.records import utc_now
-from anomalyd.status import outbox_backlog, stalled
+from anomalyd.status import outbox_backlog, stalled, stream_view
 from anomalyd.store import StoreWriter
 from anomalyd.stream import StreamRuntime
 from anomalyd.web.view import NodeState, RefusedError, StreamState
@@ -76,21 +76,20 @@ class LiveView:
         return next((r for r in self._pipeline.streams() if r.name == stream), None)
 
     def _stream(self, runtime: StreamRuntime, now: dt.datetime, max_lag: float) -> StreamState:
-        health = runtime.health
-        lag = runtime.lag_seconds(now)
+        view = stream_view(runtime, now, max_lag)
         score = runtime.last_score
         return StreamState(
-            name=runtime.name,
+            name=view.name,
             area=runtime.config.area,
-            source=health.state.value if health.state is not None else "unknown",
-            source_detail=health.detail,
-            event_open=runtime.event_open,
+            source=view.source,
+            source_detail=runtime.health.detail,
+            event_open=view.event_open,
             event_id=runtime.event_id,
             score=None if math.isnan(score) else score,
             threshold=runtime.threshold,
             k=runtime.k,
-            lag_seconds=lag,
-            lagging=lag is not None and lag > max_lag,
+            lag_seconds=view.lag_seconds,
+            lagging=view.lagging,
             model_id=runtime.model.bundle.meta.model_id,
             muted_until=self._store.mutes.until(runtime.name, now),
             windows_scored=runtime.windows_scored,

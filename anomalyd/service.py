@@ -259,9 +259,9 @@ class Daemon:
     def _serve(self, pipeline: Pipeline, store: StoreWriter) -> None:
         watchdog = self._notifier.watchdog_interval
         tick = min(1.0, watchdog / 3) if watchdog else 1.0
-        next_status = time.monotonic() + STATUS_INTERVAL_S
+        self._main_beat = time.monotonic()  # start-up took its time; the loop begins now
+        next_status = self._main_beat + STATUS_INTERVAL_S
         while not self._stop.is_set():
-            self._main_beat = time.monotonic()
             self._wakeup.wait(tick)
             self._wakeup.clear()
             if self._stop.is_set():

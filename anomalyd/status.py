@@ -49,6 +49,19 @@ class Snapshot:
         return [s for s in self.streams if s.lagging]
 
 
+def stream_view(runtime: StreamRuntime, now: dt.datetime, max_lag_seconds: float) -> StreamView:
+    """What a stream's runtime says about it now (read-only: the worker owns it)."""
+    lag = runtime.lag_seconds(now)
+    state = runtime.health.state
+    return StreamView(
+        name=runtime.name,
+        source=state.value if state is not None else "unknown",
+        event_open=runtime.event_open,
+        lag_seconds=lag,
+        lagging=lag is not None and lag > max_lag_seconds,
+    )
+
+
 def take_snapshot(
     runtimes: list[StreamRuntime],
     *,
@@ -62,19 +75,7 @@ def take_snapshot(
     events_today: int = 0,
     outbox_backlog: int = 0,
 ) -> Snapshot:
-    views = []
-    for runtime in runtimes:
-        lag = runtime.lag_seconds(now)
-        state = runtime.health.state
-        views.append(
-            StreamView(
-                name=runtime.name,
-                source=state.value if state is not None else "unknown",
-                event_open=runtime.event_open,
-                lag_seconds=lag,
-                lagging=lag is not None and lag > max_lag_seconds,
-            )
-        )
+    views = [stream_view(runtime, now, max_lag_seconds) for runtime in runtimes]
     return Snapshot(
         now, tuple(views), windows_scored, blocks_dropped, max_lag_seconds, storage, events_today,
         outbox_backlog, mqtt, mqtt_detail,

@@ -107,7 +107,6 @@ class StreamRuntime:
         self._trace: EventTrace | None = None
         self._resampler: Resampler | None = None
         self._anchor: tuple[int, dt.datetime] | None = None  # (sample index, its UTC time)
-        self._anchor_epoch = 0.0  # the anchor's time in Unix seconds
         self._reanchor = True
         self._event_id: str | None = None
         self._event_started_at: dt.datetime | None = None
@@ -136,11 +135,6 @@ class StreamRuntime:
         anchor_sample, anchor_time = self._anchor or (0, utc_now())
         return anchor_time + dt.timedelta(seconds=(sample - anchor_sample) / self.model.rate)
 
-    def epoch_at(self, sample: int) -> float:
-        """`time_at` in Unix seconds, without making a datetime (once per scored window)."""
-        anchor_sample = self._anchor[0] if self._anchor is not None else 0
-        return self._anchor_epoch + (sample - anchor_sample) / self.model.rate
-
     def lag_seconds(self, now: dt.datetime) -> float | None:
         """How far the scores trail the audio: now minus the audio time of the last scored window's end.
 
@@ -164,7 +158,6 @@ class StreamRuntime:
         if self._reanchor:
             # The block's last sample was captured about now; sample counts carry time from here on.
             self._anchor = (first + len(samples), utc_now())
-            self._anchor_epoch = self._anchor[1].timestamp()
             self._reanchor = False
         out.windows = self.windows.push(samples)
         out.audio = samples
@@ -220,7 +213,7 @@ class StreamRuntime:
         if self._trace is not None:
             self._trace.add(centre, score)
         if self.trail is not None:
-            self.trail.add(self.epoch_at(window.end_sample), score)
+            self.trail.add(self.scored_until.timestamp(), score)
         for transition in self.detector.push(
             WindowScore(window.index, window.start_sample, window.end_sample, score)
         ):

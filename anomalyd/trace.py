@@ -34,10 +34,8 @@ class ScoreTrail:
     def since(self, after: float) -> list[tuple[float, float]]:
         """Points with a time after `after`, oldest first."""
         count = self.count
-        times, scores = self._times.copy(), self._scores.copy()
-        n = min(count, self.capacity)
-        order = (np.arange(count - n, count)) % self.capacity
-        times, scores = times[order], scores[order]
+        order = np.arange(count - min(count, self.capacity), count) % self.capacity
+        times, scores = self._times[order], self._scores[order]  # fancy indexing copies
         keep = times > after
         return list(zip(times[keep].tolist(), scores[keep].tolist(), strict=True))
 

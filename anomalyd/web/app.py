@@ -31,7 +31,7 @@ from anomalyd.marks import MAX_NOTE_CHARS
 from anomalyd.records import iso
 from anomalyd.web.auth import check_write
 from anomalyd.web.metrics import registry_for
-from anomalyd.web.overview import LiveFeed, full_overview, health_json, number, stream_json
+from anomalyd.web.overview import LiveFeed, health_json, number, overview_with_scores, stream_json
 from anomalyd.web.queries import MAX_CSV_ROWS, get_event, list_events, parse_filter, to_csv
 from anomalyd.web.spectrogram import render
 from anomalyd.web.view import DaemonView, RefusedError
@@ -115,7 +115,7 @@ class Dashboard:
         return self.page("stream.html")
 
     def overview(self, request: Request) -> Response:
-        return JSONResponse(full_overview(self.view, self.token is not None))
+        return JSONResponse(overview_with_scores(self.view, self.token is not None))
 
     async def live_stream(self, request: Request) -> Response:
         if self.live.full():

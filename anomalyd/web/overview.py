@@ -61,12 +61,20 @@ def _points(points: list[tuple[float, float]]) -> list[list[float | None]]:
     return [[round(t, 3), number(s, 5)] for t, s in points]
 
 
-def full_overview(view: DaemonView, writes: bool) -> dict[str, Any]:
+def overview_with_scores(
+    view: DaemonView, writes: bool, sent: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """/api/overview: each stream with its scores newer than `sent[stream]` (the whole history for a stream
+    not in `sent`); `sent` is updated to the newest score time given out."""
+    sent = {} if sent is None else sent
     state = view.state()
     out = overview_json(view, state, writes)
-    since = state.at.timestamp() - view.history_seconds
+    oldest = state.at.timestamp() - view.history_seconds
     for stream in out["streams"]:
-        stream["scores"] = _points(view.trail(stream["name"], since))
+        points = view.trail(stream["name"], sent.get(stream["name"], oldest))
+        if points:
+            sent[stream["name"]] = points[-1][0]
+        stream["scores"] = _points(points)
     return out
 
 
@@ -91,14 +99,7 @@ class LiveFeed:
             # Tell EventSource to come back quickly after a restart of the daemon.
             yield "retry: 2000\n\n"
             while not self._stopping.is_set():
-                state = self._view.state()
-                out = overview_json(self._view, state, self._writes)
-                oldest = state.at.timestamp() - self._view.history_seconds
-                for stream in out["streams"]:
-                    points = self._view.trail(stream["name"], sent.get(stream["name"], oldest))
-                    if points:
-                        sent[stream["name"]] = points[-1][0]
-                    stream["scores"] = _points(points)
+                out = overview_with_scores(self._view, self._writes, sent)
                 yield f"data: {json.dumps(out, separators=(',', ':'))}\n\n"
                 for _ in range(STOP_CHECKS):  # a stopping daemon does not wait for the next push
                     if self._stopping.is_set():
