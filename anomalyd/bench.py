@@ -2,7 +2,7 @@
 
     python -m anomalyd.bench --bundle BUNDLE [--seconds 60]
 
-Measures, on one thread: log-mel cost per second of audio, ONNX Runtime cost per window alone and in
+Measures, on one thread: log-mel cost per second of audio, ONNX Runtime cost per tile alone and in
 batches, the streams one core could score in real time, and the start-up cost (import + bundle load) and
 peak memory of a fresh process that scores one clip. Then the whole daemon pipeline (worker, detectors,
 event store) on `--streams` files replayed as fast as it takes them: how many seconds of audio it gets
@@ -154,11 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     audio = (0.1 * rng.standard_normal(int(args.seconds * p.sample_rate))).astype(np.float32)
 
     feature_s = best_of(lambda: scorer.logmel(audio)) / args.seconds  # per second of audio
-    windows = rng.standard_normal((64, p.n_mels, g.n_frames)).astype(np.float32)
-    single_s = best_of(lambda: scorer.autoencoder.reconstruct(windows[:1]), 20)
-    batch_s = best_of(lambda: scorer.autoencoder.reconstruct(windows)) / len(windows)
-    windows_per_audio_s = p.sample_rate / (g.hop_frames * p.hop_length)
-    per_stream_s = feature_s + windows_per_audio_s * batch_s  # CPU seconds per second of one stream
+    tiles = rng.standard_normal((64, p.n_mels, g.model_frames)).astype(np.float32)
+    single_s = best_of(lambda: scorer.autoencoder.reconstruct(tiles[:1]), 20)
+    batch_s = best_of(lambda: scorer.autoencoder.reconstruct(tiles)) / len(tiles)
+    tiles_per_audio_s = p.sample_rate / (g.tile_hop * p.hop_length)
+    per_stream_s = feature_s + tiles_per_audio_s * batch_s  # CPU seconds per second of one stream
 
     probe = subprocess.run(
         [sys.executable, "-c", _STARTUP_PROBE, str(args.bundle)], capture_output=True, text=True, check=True
@@ -176,9 +176,9 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [
         ("log-mel, per second of audio", f"{feature_s * 1e3:.3f} ms"),
-        ("inference, 1 window (batch 1)", f"{single_s * 1e3:.3f} ms"),
-        ("inference, per window in batches of 64", f"{batch_s * 1e3:.3f} ms"),
-        ("windows per second of audio per stream", f"{windows_per_audio_s:.2f}"),
+        (f"inference, 1 model input of {g.model_frames} frames (batch 1)", f"{single_s * 1e3:.3f} ms"),
+        ("inference, per model input in batches of 64", f"{batch_s * 1e3:.3f} ms"),
+        ("model inputs per second of audio per stream", f"{tiles_per_audio_s:.2f}"),
         ("streams per core in real time", f"{1 / per_stream_s:.0f}"),
         ("start-up: import + load bundle", f"{float(startup_s):.2f} s"),
         ("peak RSS scoring a 10 s clip", f"{float(rss_mb):.0f} MB"),

@@ -32,10 +32,11 @@ from anomalyd.residual import ResidualStats
 from anomalyd.windows import Normalisation, WindowGeometry
 
 BUNDLE_FORMAT = "anomalyd-bundle"
-# Version 2 adds normalisation.levelling, version 3 the residual statistics that weigh each band's score;
-# version 1 and 2 bundles still load, and score as they always did.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# Version 2 adds normalisation.levelling, version 3 the residual statistics that weigh each band's score,
+# version 4 window.tile_frames (the model reconstructs tiles, each frame once: anomalyd/tiles.py); older
+# bundles still load, and score as they always did.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 META_FILE = "model.json"
 MODEL_FILE = "model.onnx"
 FILTERBANK_FILE = "mel_filterbank.npy"
@@ -150,6 +151,12 @@ class BundleMeta:
     residual: ResidualStats | None = None
 
     @property
+    def format_version(self) -> int:
+        if self.window.tile_frames:
+            return FORMAT_VERSION
+        return 3 if self.residual is not None else 2
+
+    @property
     def training_audio(self) -> TrainingAudio | None:
         """`training.audio`, or None for a bundle from before it was recorded."""
         audio = self.training.get("audio")
@@ -159,11 +166,12 @@ class BundleMeta:
         return {
             "format": BUNDLE_FORMAT,
             # The oldest version that holds what is here: recalibrating a version 2 bundle keeps it one.
-            "format_version": FORMAT_VERSION if self.residual is not None else 2,
+            "format_version": self.format_version,
             "model_id": self.model_id,
             "created_at": self.created_at,
             "features": self.features.to_dict(),
-            "window": asdict(self.window),
+            # Tiles from format 4 on; an older bundle's model.json keeps the fields it had.
+            "window": {k: v for k, v in asdict(self.window).items() if k != "tile_frames" or v},
             "normalisation": self.normalisation.to_dict(),
             "threshold": self.threshold.to_dict(),
             "files": self.files,
@@ -282,9 +290,7 @@ def _check_compatible(meta_path: Path, meta: BundleMeta) -> None:
         for name, values in (("mean", meta.residual.mean), ("var", meta.residual.var)):
             if values.shape != (n_mels,):
                 problems.append(f"residual {name} has {values.size} values, features have {n_mels} mel bands")
-    w = meta.window
-    if w.n_frames % w.pool_frames:
-        problems.append(f"window sizes must be positive and pool_frames divide n_frames, got {w}")
+    problems += meta.window.problems()
     if problems:
         raise IncompatibleBundleError(f"{meta_path}: incompatible feature parameters: {'; '.join(problems)}")
 

@@ -105,6 +105,8 @@ class WindowDoc(_Doc):
     n_frames: int = Field(ge=1, le=MAX_WINDOW_FRAMES, description="log-mel frames per window")
     hop_frames: int = Field(ge=1, le=4 * MAX_WINDOW_FRAMES, description="frames between window starts")
     pool_frames: int = Field(ge=1, le=MAX_WINDOW_FRAMES, description="frames per residual block")
+    # Format version 4; before, the model reconstructed each window whole.
+    tile_frames: int = Field(0, ge=0, le=MAX_WINDOW_FRAMES, description="frames per model input (tile)")
 
 
 class NormalisationDoc(_Doc):
@@ -227,7 +229,7 @@ class TrainingDoc(_Doc):
 
 class MetaDoc(_Doc):
     format: Literal["anomalyd-bundle"]
-    format_version: Literal[1, 2, 3]
+    format_version: Literal[1, 2, 3, 4]
     model_id: str = Field(min_length=1, max_length=256, pattern=PRINTABLE)
     created_at: str = Field(max_length=64, description="UTC, ISO 8601 with offset")
     features: FeaturesDoc
@@ -257,6 +259,8 @@ class MetaDoc(_Doc):
             raise ValueError("residual needs format_version 3")
         if self.format_version >= 3 and self.residual is None:
             raise ValueError("residual: required from format_version 3 on (how windows are scored)")
+        if (self.format_version >= 4) != bool(self.window.tile_frames):
+            raise ValueError("window.tile_frames: a positive number from format_version 4 on, absent before")
         return self
 
 

@@ -104,6 +104,10 @@ def describe(bundle: Bundle) -> dict[str, Any]:
             "n_frames": window.n_frames,
             "hop_frames": window.hop_frames,
             "pool_frames": window.pool_frames,
+            # Format 4: the model reconstructs tiles of this many frames, each frame once; before, whole
+            # windows, each frame n_frames / hop_frames times.
+            "model_frames": window.model_frames,
+            "reconstructions_per_frame": window.model_frames // window.tile_hop,
             "levelling": bundle.meta.normalisation.levelling,
             # Format 3: bands weighed by the residual's spread on training windows; before, all alike.
             "score": "band_weighted" if bundle.meta.residual is not None else "squared_residual",

@@ -73,7 +73,7 @@ class Autoencoder:
         for role, (_, kind, shape) in zip(("input", "output"), signature, strict=True):
             if kind != _FLOAT_TENSOR or len(shape) != 4 or list(shape[1:]) != want:
                 raise IncompatibleBundleError(
-                    f"{model_path}: {role} shape {shape} of {kind}, bundle windows need "
+                    f"{model_path}: {role} shape {shape} of {kind}, bundle tiles need "
                     f"[batch, 1, {self.n_mels}, {self.n_frames}] of {_FLOAT_TENSOR}"
                 )
 
@@ -102,7 +102,7 @@ class Autoencoder:
         return np.asarray(outputs[0])
 
     def reconstruct(self, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """(n, n_mels, n_frames) normalised windows -> their reconstructions, same shape."""
+        """(n, n_mels, n_frames) normalised tiles (or windows) -> their reconstructions, same shape."""
         if len(windows) == 0:
             return np.empty_like(windows)
         assert windows.shape[1:] == (self.n_mels, self.n_frames), windows.shape
@@ -112,4 +112,4 @@ class Autoencoder:
 def open_autoencoder(bundle: Bundle, threads: int = 1) -> Autoencoder:
     """The bundle's graph as a checked ONNX Runtime session: what `run`, `score` and `check-config` build."""
     meta = bundle.meta
-    return Autoencoder(bundle.model_path, meta.features.n_mels, meta.window.n_frames, threads)
+    return Autoencoder(bundle.model_path, meta.features.n_mels, meta.window.model_frames, threads)

@@ -39,9 +39,9 @@ from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 from anomalyd.sources.make import make_source
 from anomalyd.sources.mic import DeviceCapture, MicIO, PortAudioHost
 from anomalyd.stream import Model, Output, StreamRuntime
-from anomalyd.streaming import Window
+from anomalyd.streaming import Step, Tile, Window
 from anomalyd.tap import AudioTap, StreamSource
-from anomalyd.windows import window_errors
+from anomalyd.tiles import reconstruct_into, score_windows
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ class Pipeline:
         self._next_report: dict[str, float] = {}
         self._stopping = threading.Event()
         self._started = _Restate(threading.Event())
-        self._pending: list[tuple[StreamRuntime, Window]] = []
+        self._pending_tiles: list[tuple[StreamRuntime, Tile]] = []
+        self._pending: list[tuple[StreamRuntime, Window]] = []  # scored once their tiles are
         self.config: DaemonConfig | None = None
         self.heartbeat = time.monotonic()
         self.windows_scored = 0
@@ -284,7 +285,7 @@ class Pipeline:
             self._handle(item)
             # Score once every stream has about a window waiting (or nothing else is queued): batches
             # span the streams, and no stream's audio runs more than a block ahead of its scores.
-            if self._queue.empty() or len(self._pending) >= min(self._max_batch(), len(self._runtimes)):
+            if self._queue.empty() or len(self._pending_tiles) >= min(self._max_batch(), len(self._runtimes)):
                 self._score_pending()
         self._discard_queued()
         self._score_pending()
@@ -331,12 +332,11 @@ class Pipeline:
             out = runtime.feed(item)
             if out.audio is not None and len(out.audio) and self.tap.wants(item.stream):
                 self.tap.audio(item.stream, out.audio, item.rate, runtime.model.rate)
-            self._pending += [(runtime, w) for w in out.windows]
-            out.windows = []
+            self._hold(runtime, out)
             self._emit(out)
         elif isinstance(item, SourceNotice):
             if item.state != SourceState.OK:
-                self._pending += [(runtime, w) for w in runtime.drain()]
+                self._hold(runtime, runtime.drain())
                 self._score_pending()
             self._emit(runtime.notice(item))
             if self.tap.wants(item.stream):
@@ -352,23 +352,33 @@ class Pipeline:
                 self._sink.put(SourceStatus(runtime.node, runtime.name, runtime.health.state,
                                             runtime.health.detail, now))  # fmt: skip
 
+    def _hold(self, runtime: StreamRuntime, step: Step | Output) -> None:
+        """Queue a stream's new tiles and windows for the next batch."""
+        self._pending_tiles += [(runtime, t) for t in step.tiles]
+        self._pending += [(runtime, w) for w in step.windows]
+        step.tiles, step.windows = [], []
+
     def _score_pending(self) -> None:
-        """Score all pending windows: one ONNX Runtime call per model per batch."""
+        """Reconstruct all pending tiles (one ONNX Runtime call per model per batch), then score all pending
+        windows (one vectorised step per model)."""
+        tiles, self._pending_tiles = self._pending_tiles, []
         pending, self._pending = self._pending, []
+        tiles_by_model: dict[int, list[tuple[StreamRuntime, Tile]]] = defaultdict(list)
+        for runtime, tile in tiles:
+            tiles_by_model[id(runtime.model)].append((runtime, tile))
+        for held in tiles_by_model.values():
+            model = held[0][0].model
+            stores = [(r.tiles, t) for r, t in held]
+            reconstruct_into(model.autoencoder, model.bundle.meta.window, stores, self._max_batch())
         by_model: dict[int, list[tuple[StreamRuntime, Window]]] = defaultdict(list)
         for runtime, window in pending:
             by_model[id(runtime.model)].append((runtime, window))
-        batch = self._max_batch()
         for items in by_model.values():
-            model = items[0][0].model
-            pool, residual = model.bundle.meta.window.pool_frames, model.bundle.meta.residual
-            for start in range(0, len(items), batch):
-                chunk = items[start : start + batch]
-                values = np.stack([w.values for _, w in chunk])
-                scores = window_errors(values, model.autoencoder.reconstruct(values), pool, residual)
-                for (runtime, window), score in zip(chunk, scores, strict=True):
-                    self._emit(runtime.scored(window, float(score)))
-                self.windows_scored += len(chunk)
+            meta = items[0][0].model.bundle.meta
+            scores = score_windows(meta.window, meta.residual, [(r.tiles, w) for r, w in items])
+            for (runtime, window), score in zip(items, scores, strict=True):
+                self._emit(runtime.scored(window, float(score)))
+            self.windows_scored += len(items)
         self._report_scores({runtime.name: runtime for runtime, _ in pending})
 
     def _report_scores(self, runtimes: dict[str, StreamRuntime]) -> None:

@@ -1,6 +1,6 @@
 """How a window's pooled residual becomes its score: each band weighed by how the model does on normal sound.
 
-The pooled residual (`windows.pool_residual`: the reconstruction error averaged over `pool_frames` frames)
+The pooled residual (`tiles.pool_windows`: the reconstruction error averaged over `pool_frames` frames)
 is not equally telling in every mel band. Where the model rebuilds normal sound closely (the machine's own
 tones and bands), a shift of a few tenths is news; where normal residuals swing widely (a factory's
 background at 0 dB SNR, bands the model cannot predict), the same shift is not. So a bundle (format 3)

@@ -1,6 +1,7 @@
-"""Clip scoring: audio -> log-mel -> windows -> reconstruction errors -> one score and a verdict.
+"""Clip scoring: audio -> log-mel -> tiles -> reconstruction errors -> window scores -> one score, a verdict.
 
-A window's score is its pooled squared reconstruction error (see `anomalyd.windows.window_errors`).
+A window's score comes from its pooled reconstruction error (see `anomalyd.tiles.score_pooled`), its tiles
+each reconstructed once (anomalyd/tiles.py).
 A clip's score is the mean of its window scores (windows every `hop_frames` frames), as in the DCASE
 baselines: a fault that lasts the whole clip lifts every window, and one loud transient cannot by itself
 flag a clip. Clip scores rank files (AUC); verdicts come from the daemon's detector replayed over the
@@ -27,13 +28,22 @@ from anomalyd.errors import AudioError, ScoreError
 from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.residual import ResidualStats
-from anomalyd.streaming import StreamingWindows, Window
-from anomalyd.windows import Normalisation, WindowGeometry, slice_windows, window_errors
+from anomalyd.streaming import StreamingWindows, Tile, Window
+from anomalyd.tiles import (
+    TileStore,
+    pool_windows,
+    reconstruct_into,
+    score_pooled,
+    score_windows,
+    tile_residuals,
+    window_blocks,
+)
+from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
 
 # Log-mel frames computed at once when scoring a file: bounds the FFT's memory, and is large enough that
 # the per-call cost of small matrix products does not dominate (31 frames at a time is ~3x slower).
 FRAMES_PER_STEP = 256
-MAX_BATCH_WINDOWS = 64  # windows per ONNX Runtime call when scoring a file
+MAX_BATCH_TILES = 64  # tiles per ONNX Runtime call when scoring a file
 
 
 @dataclass(frozen=True)
@@ -97,17 +107,21 @@ class ClipScorer:
         """Shortest audio, in samples at the model rate, that holds one whole window."""
         return self.logmel.params.n_samples(self.geometry.n_frames)
 
-    def _errors(self, normalised: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """(n, n_mels, n_frames) normalised windows -> (n,) window scores."""
-        reconstructed = self.autoencoder.reconstruct(normalised)
-        # Overflow is not warned about here: a score that is not finite is refused explicitly, in one line.
-        with np.errstate(over="ignore", invalid="ignore"):
-            return window_errors(normalised, reconstructed, self.geometry.pool_frames, self.residual)
+    def pooled_residuals(self, logmel: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """(n_mels, n_frames) log-mel -> (n_windows, n_mels, n_pool_blocks) pooled residuals."""
+        g = self.geometry
+        tiles = self.normalisation.apply(slice_windows(logmel, g.model_frames, g.tile_hop))
+        blocks = [
+            tile_residuals(batch, self.autoencoder.reconstruct(batch), g)
+            for batch in np.array_split(tiles, max(1, -(-len(tiles) // MAX_BATCH_TILES)))
+        ]
+        firsts = np.array([g.first_tile(w) for w in range(g.n_windows(logmel.shape[1]))], dtype=np.int64)
+        return pool_windows(window_blocks(np.concatenate(blocks), firsts, g), g)
 
     def score_logmel(self, logmel: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
         """Score a (n_mels, n_frames) log-mel of at least one window."""
-        windows = slice_windows(logmel, self.geometry.n_frames, self.geometry.hop_frames)
-        errors = self._errors(self.normalisation.apply(windows))
+        with np.errstate(over="ignore", invalid="ignore"):
+            errors = score_pooled(self.pooled_residuals(logmel), self.residual)
         return self._clip_score(errors, source)
 
     def score_samples(self, samples: npt.NDArray[np.float32], source: str = "audio") -> ClipScore:
@@ -123,20 +137,28 @@ class ClipScorer:
         place and level (not its values), so that the daemon's detector can be replayed on it."""
         p = self.logmel.params
         streamer = StreamingWindows(self.logmel, self.geometry, self.normalisation)
+        store = TileStore(self.geometry)
         errors: list[npt.NDArray[np.float32]] = []
         places: list[tuple[int, int, float]] = []
-        pending: list[Window] = []
+        tiles: list[tuple[TileStore, Tile]] = []
+        windows: list[tuple[TileStore, Window]] = []
+
+        def score_pending() -> None:
+            reconstruct_into(self.autoencoder, self.geometry, tiles, MAX_BATCH_TILES)
+            errors.append(score_windows(self.geometry, self.residual, windows))
+            places.extend((w.start_sample, w.end_sample, w.quietest_dbfs) for _, w in windows)
+            tiles.clear()
+            windows.clear()
+
         blocks = stream_audio(path, p.sample_rate, channel)
         for block in rechunk(blocks, FRAMES_PER_STEP * p.hop_length):
-            pending += streamer.push(block)
-            if len(pending) >= MAX_BATCH_WINDOWS:
-                errors.append(self._errors(np.stack([w.values for w in pending])))
-                places += [(w.start_sample, w.end_sample, w.quietest_dbfs) for w in pending]
-                pending = []
+            step = streamer.push(block)
+            tiles.extend((store, tile) for tile in step.tiles)
+            windows.extend((store, window) for window in step.windows)
+            if len(tiles) >= MAX_BATCH_TILES:
+                score_pending()
         self._check_length(streamer.samples_in, str(path))
-        if pending:
-            errors.append(self._errors(np.stack([w.values for w in pending])))
-            places += [(w.start_sample, w.end_sample, w.quietest_dbfs) for w in pending]
+        score_pending()
         starts, ends, quietest = zip(*places, strict=True)
         return ScoredFile(
             source=str(path),

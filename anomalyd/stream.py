@@ -25,7 +25,8 @@ from anomalyd.health import HealthMonitor, sanitise
 from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceNotice
-from anomalyd.streaming import Resampler, StreamingWindows, Window
+from anomalyd.streaming import Resampler, Step, StreamingWindows, Tile, Window
+from anomalyd.tiles import TileStore
 from anomalyd.trace import EventTrace, LeadIn, ScoreTrail
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ class Model:
 class Output:
     """What one step of a stream produced, for the worker to pass on."""
 
+    tiles: list[Tile] = field(default_factory=list)
     windows: list[Window] = field(default_factory=list)
     events: list[AnomalyEvent] = field(default_factory=list)
     statuses: list[SourceStatus] = field(default_factory=list)
@@ -61,6 +63,7 @@ class Output:
     audio: npt.NDArray[np.float32] | None = None  # the block at the model rate, as windowed (for recording)
 
     def extend(self, other: Output) -> None:
+        self.tiles += other.tiles
         self.windows += other.windows
         self.events += other.events
         self.statuses += other.statuses
@@ -93,6 +96,7 @@ class StreamRuntime:
             self.threshold = stats.threshold(self.k)
         self.detector = Detector(detector, self.threshold, model.rate)
         self.windows = StreamingWindows(model.logmel, meta.window, meta.normalisation)
+        self.tiles = TileStore(meta.window)  # reconstructed tiles of the windows not yet scored
         self.health = HealthMonitor(health)
         # An event can start m windows and a window length before the window that opens it, which is
         # scored at most a block after its audio arrived.
@@ -159,19 +163,20 @@ class StreamRuntime:
             # The block's last sample was captured about now; sample counts carry time from here on.
             self._anchor = (first + len(samples), utc_now())
             self._reanchor = False
-        out.windows = self.windows.push(samples)
+        step = self.windows.push(samples)
+        out.tiles, out.windows = step.tiles, step.windows
         out.audio = samples
         if self.clips is not None:
             self._add_clip(out, self.clips.push(first, samples))
         return out
 
-    def drain(self) -> list[Window]:
-        """Windows still held by the resampler, at the end of a source's audio."""
+    def drain(self) -> Step:
+        """Tiles and windows still held by the resampler, at the end of a source's audio."""
         if self._resampler is None:
-            return []
+            return Step([], [])
         tail = self._resampler(np.empty(0, dtype=np.float32), last=True)
         self._resampler = None
-        return self.windows.push(tail) if len(tail) else []
+        return self.windows.push(tail) if len(tail) else Step([], [])
 
     def notice(self, notice: SourceNotice) -> Output:
         out = Output()

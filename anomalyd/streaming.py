@@ -1,8 +1,9 @@
-"""Streaming features: audio arriving in blocks of any size -> the same windows as offline scoring.
+"""Streaming features: audio arriving in blocks of any size -> the same tiles and windows as offline scoring.
 
-Frames are computed as soon as their n_fft samples are in (no centre padding), windows as soon as their
-frames are in, so that a stream yields, window for window, what `anomalyd score` computes for the same
-audio. Resampling uses soxr's streaming resampler, whose output equals soxr's one-shot resampling.
+Frames are computed as soon as their n_fft samples are in (no centre padding), tiles (the model's inputs,
+anomalyd/tiles.py) and windows as soon as their frames are in, so that a stream yields, tile for tile and
+window for window, what `anomalyd score` computes for the same audio.
+Resampling uses soxr's streaming resampler, whose output equals soxr's one-shot resampling.
 Sample indices count samples at the model rate since the stream began; they give every window its time.
 """
 
@@ -24,9 +25,22 @@ class Window:
     index: int  # windows since the stream began
     start_sample: int  # first sample, at the model rate
     end_sample: int  # one past the last sample
-    values: npt.NDArray[np.float32]  # (n_mels, n_frames), normalised
     level_dbfs: float  # RMS of the window's audio (its first n_frames * hop samples)
     quietest_dbfs: float  # RMS of its quietest hop of audio: digital silence anywhere in it shows here
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int  # model inputs since the stream began
+    values: npt.NDArray[np.float32]  # (n_mels, model_frames), levelled and normalised
+
+
+@dataclass
+class Step:
+    """What a block of audio completed, oldest first; a window's tiles come in this step or before."""
+
+    tiles: list[Tile]
+    windows: list[Window]
 
 
 class Resampler:
@@ -45,7 +59,7 @@ class Resampler:
 
 
 class StreamingWindows:
-    """Turns consecutive (n,) float32 blocks at the model rate into normalised windows."""
+    """Turns consecutive (n,) float32 blocks at the model rate into normalised tiles and windows."""
 
     def __init__(self, logmel: LogMel, geometry: WindowGeometry, normalisation: Normalisation) -> None:
         self.logmel = logmel
@@ -57,47 +71,53 @@ class StreamingWindows:
         self._energy = np.empty(0, dtype=np.float64)  # sum of squares of each frame's first hop samples
         self._first_frame = 0  # absolute index of self._frames[:, 0]
         self._next_window = 0
+        self._next_tile = 0
         self.samples_in = 0  # samples received so far
 
-    def push(self, samples: npt.NDArray[np.float32]) -> list[Window]:
-        """Add a block; return the windows it completes, oldest first."""
+    def push(self, samples: npt.NDArray[np.float32]) -> Step:
+        """Add a block; return the tiles and windows it completes."""
         p, g = self.logmel.params, self.geometry
+        step = Step([], [])
         self.samples_in += len(samples)
         self._samples = np.concatenate([self._samples, samples.astype(np.float32, copy=False)])
         n_new = p.n_frames(len(self._samples))
         if n_new == 0:
-            return []
+            return step
         new_frames = self.logmel(self._samples[: p.n_samples(n_new)])
         # Frame k of the buffer starts at k * hop, so the next frame starts n_new * hop samples in.
         consumed = self._samples[: n_new * p.hop_length].astype(np.float64)
         self._samples = self._samples[n_new * p.hop_length :]
         self._frames = np.concatenate([self._frames, new_frames], axis=1)
         self._energy = np.concatenate([self._energy, (consumed**2).reshape(n_new, p.hop_length).sum(axis=1)])
+        available = self._first_frame + self._frames.shape[1]
 
-        windows = []
-        while True:
-            start_frame = self._next_window * g.hop_frames
+        n_tiles = max(0, (available - g.model_frames) // g.tile_hop + 1 - self._next_tile)
+        if n_tiles:
+            offsets = [(self._next_tile + i) * g.tile_hop - self._first_frame for i in range(n_tiles)]
+            raw = np.stack([self._frames[:, o : o + g.model_frames] for o in offsets])
+            values = self.normalisation.apply(raw)
+            step.tiles = [Tile(self._next_tile + i, values[i]) for i in range(n_tiles)]
+            self._next_tile += n_tiles
+
+        while (start_frame := self._next_window * g.hop_frames) + g.n_frames <= available:
             offset = start_frame - self._first_frame
-            if offset + g.n_frames > self._frames.shape[1]:
-                break
-            values = self._frames[:, offset : offset + g.n_frames]
             frame_energy = self._energy[offset : offset + g.n_frames]
             energy = float(frame_energy.sum()) / (g.n_frames * p.hop_length)
             start_sample = start_frame * p.hop_length
-            windows.append(
+            step.windows.append(
                 Window(
                     index=self._next_window,
                     start_sample=start_sample,
                     end_sample=start_sample + p.n_samples(g.n_frames),
-                    values=self.normalisation.apply(values[None])[0],
                     level_dbfs=dbfs(energy),
                     quietest_dbfs=dbfs(float(frame_energy.min()) / p.hop_length),
                 )
             )
             self._next_window += 1
-        drop = self._next_window * g.hop_frames - self._first_frame
+        keep = min(self._next_window * g.hop_frames, self._next_tile * g.tile_hop)
+        drop = keep - self._first_frame
         if drop > 0:
             self._frames = self._frames[:, drop:]
             self._energy = self._energy[drop:]
             self._first_frame += drop
-        return windows
+        return step

@@ -1,10 +1,12 @@
 """Windows of log-mel frames, and the normalisation the model was trained with.
 
-A window is `n_frames` consecutive log-mel frames: the model's unit of input and of reconstruction error.
-The default, 64 frames (64 x 32 ms = 2.05 s), holds many revolutions of any shaft faster than 30 rpm and
-is a multiple of 8, so the three stride-2 convolutions of the autoencoder halve it cleanly (128 x 64 ->
-16 x 8). Windows start every `hop_frames` frames; 16 frames (0.51 s) makes the daemon answer within about
-half a second while each frame is still scored four times.
+A window is `n_frames` consecutive log-mel frames: the unit of a score. The default, 64 frames
+(64 x 32 ms = 2.05 s), holds many revolutions of any shaft faster than 30 rpm. Windows start every
+`hop_frames` frames; 16 frames (0.51 s) makes the daemon answer within about half a second. By default the
+model reconstructs each window whole, so each frame four times; a bundle of format 4 reconstructs tiles of
+`tile_frames` (16) frames instead, each frame once, and puts a window's residual together from its four
+tiles (anomalyd/tiles.py). Windows and tiles are multiples of 8 frames, so the three stride-2 convolutions
+of the autoencoder halve them cleanly (128 x 64 -> 16 x 8).
 
 A window's score is not the plain per-value squared error. The fine structure of broadband machine noise
 is random: even a perfect model of the normal sound cannot predict it, and its squared residual buries a
@@ -15,12 +17,14 @@ averages away, a systematic one (a new tone, a shifted band, repeating impulses)
 machine's faults that matter to a monitor last longer than a window, and on MIMII fan id_00 the whole-window
 mean ranked faults better than 16-frame blocks (docs/mimii.md, ablation).
 
-Before normalisation each window may be levelled (`levelling = "window_power"`): its power level, in dB,
-is subtracted from every value, so the model sees the window's spectral shape (how its energy is spread
+Before normalisation each model input (a tile; a window before format 4) may be levelled
+(`levelling = "window_power"`): its power level, in dB, is subtracted from every value, so the model sees
+its spectral shape (how its energy is spread
 over bands and frames) and a microphone chain a few dB quieter or louder changes nothing. The level is
-10 log10 of the mean power over the window's bands and frames: what a sound level meter would read through
-the same filterbank, shifted exactly by any gain. A window is levelled on its own, so a stream needs nothing
-from before it and streaming equals offline window for window. Bundles from before levelling have
+10 log10 of the mean power over the input's bands and frames: what a sound level meter would read through
+the same filterbank, shifted exactly by any gain. An input is levelled on its own, so a stream needs nothing
+from before it and streaming equals offline tile for tile. (Levelling a tile by the power of the whole
+window ending with it ranked MIMII's faults no better: docs/mimii.md.) Bundles from before levelling have
 `levelling = "none"` and score as they always did.
 """
 
@@ -32,8 +36,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from anomalyd.residual import ResidualStats
-
 N_FRAMES = 64  # frames per window, 2.05 s at 16 kHz / hop 512
 HOP_FRAMES = 16  # frames between window starts when scoring, 0.51 s
 POOL_FRAMES = 64  # frames averaged in the residual before squaring: the whole window
@@ -44,6 +46,8 @@ class WindowGeometry:
     n_frames: int = N_FRAMES  # log-mel frames per window
     hop_frames: int = HOP_FRAMES  # frames between consecutive window starts
     pool_frames: int = POOL_FRAMES  # frames per residual block; divides n_frames
+    # Frames per model input (anomalyd/tiles.py, format 4); 0: each window is reconstructed whole.
+    tile_frames: int = 0
 
     def n_windows(self, total_frames: int) -> int:
         """How many whole windows fit in `total_frames` frames."""
@@ -51,35 +55,33 @@ class WindowGeometry:
             return 0
         return 1 + (total_frames - self.n_frames) // self.hop_frames
 
+    @property
+    def model_frames(self) -> int:
+        """Frames of one model input: a tile, or a whole window for formats 1-3."""
+        return self.tile_frames or self.n_frames
 
-def pool_residual(
-    windows: npt.NDArray[np.float32], reconstructions: npt.NDArray[np.float32], pool_frames: int
-) -> npt.NDArray[np.float32]:
-    """(n, n_mels, n_frames) inputs and reconstructions -> (n, n_mels, n_frames // pool_frames): the
-    reconstruction error averaged over each block of `pool_frames` frames."""
-    n, n_mels, n_frames = windows.shape
-    assert reconstructions.shape == windows.shape, (reconstructions.shape, windows.shape)
-    assert n_frames % pool_frames == 0, (n_frames, pool_frames)
-    residual = (reconstructions - windows).reshape(n, n_mels, n_frames // pool_frames, pool_frames)
-    return np.asarray(residual.mean(axis=3), dtype=np.float32)
+    @property
+    def tile_hop(self) -> int:
+        """Frames between the starts of consecutive model inputs."""
+        return self.tile_frames or self.hop_frames
 
+    @property
+    def tiles_per_window(self) -> int:
+        return self.n_frames // self.tile_frames if self.tile_frames else 1
 
-def window_errors(
-    windows: npt.NDArray[np.float32],
-    reconstructions: npt.NDArray[np.float32],
-    pool_frames: int,
-    residual: ResidualStats | None = None,
-) -> npt.NDArray[np.float32]:
-    """(n, n_mels, n_frames) inputs and reconstructions -> (n,) scores.
+    def first_tile(self, window: int) -> int:
+        """Index of the first model input that window `window` is made of."""
+        return window * self.hop_frames // self.tile_frames if self.tile_frames else window
 
-    With the bundle's residual statistics (format 3): the mean over bands and blocks of the pooled residual's
-    squared distance from its training mean, in units of its training variance (anomalyd/residual.py).
-    Without (formats 1 and 2): the mean over bands and blocks of the pooled residual squared.
-    """
-    pooled = pool_residual(windows, reconstructions, pool_frames)
-    if residual is not None:
-        return residual.score(pooled)
-    return np.asarray(np.mean(pooled**2, axis=(1, 2)), dtype=np.float32)
+    def problems(self) -> list[str]:
+        """Reasons these sizes cannot work together; empty when they can."""
+        if min(self.n_frames, self.hop_frames, self.pool_frames) <= 0 or self.n_frames % self.pool_frames:
+            return [f"window sizes must be positive and pool_frames divide n_frames, got {self}"]
+        if self.tile_frames and (
+            self.tile_frames < 0 or self.n_frames % self.tile_frames or self.hop_frames % self.tile_frames
+        ):
+            return [f"tile_frames must divide n_frames and hop_frames (whole tiles per window), got {self}"]
+        return []
 
 
 def slice_windows(logmel: npt.NDArray[np.float32], n_frames: int, hop_frames: int) -> npt.NDArray[np.float32]:

@@ -28,7 +28,7 @@ def window_info(name: str, shape: list[Any], kind: int = TensorProto.FLOAT) -> o
     return helper.make_tensor_value_info(name, kind, shape)
 
 
-WINDOWS = ["batch", 1, 128, 64]
+WINDOWS = ["batch", 1, 128, 16]  # model inputs: tiles of 16 frames
 
 
 def install_graph(

@@ -62,6 +62,19 @@ def bundle_dir(synth_train: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 @pytest.fixture(scope="session")
+def window_bundle_dir(synth_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same, with whole windows as the model's input (`tile_frames = 0`): a format 3 bundle, as
+    anomalyd wrote them before tiles; older formats are this with fields taken out."""
+    out = tmp_path_factory.mktemp("bundle") / "machine-windows"
+    status = train.main(
+        ["--normal", str(synth_train), "--out", str(out), "--preset", str(SMALL_PRESET), "--quiet",
+         "--tile-frames", "0", "--batch-size", "32"]
+    )  # fmt: skip
+    assert status == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A throw-away CA, a server certificate for localhost, and an unrelated CA."""
     return make_certificates(tmp_path_factory.mktemp("certs"))

@@ -23,7 +23,7 @@ from anomalyd.bundle import load_bundle, make_world_readable, sha256_file, write
 from anomalyd.errors import BundleError, ChecksumError, IncompatibleBundleError
 from anomalyd.inference import open_autoencoder
 from anomalyd.scoring import ClipScorer
-from anomalyd.windows import pool_residual, slice_windows
+from anomalyd.windows import slice_windows
 from tests.bundle_helpers import WINDOWS, edit_meta, install_graph, rehash, window_info
 from tests.conftest import ROOT
 from training.export import ONNX_IR_VERSION
@@ -35,6 +35,14 @@ pytestmark = pytest.mark.slow  # needs the session's trained bundle
 def copy(bundle_dir: Path, tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
     shutil.copytree(bundle_dir, target)
+    return target
+
+
+@pytest.fixture
+def old(window_bundle_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a format 3 bundle (whole windows reconstructed), for the formats before tiles."""
+    target = tmp_path / "old-bundle"
+    shutil.copytree(window_bundle_dir, target)
     return target
 
 
@@ -98,51 +106,78 @@ def _as_version_2(meta: dict[str, Any]) -> None:
     del meta["residual"]
 
 
-def test_version_1_bundle_still_loads_and_scores_unlevelled_windows(copy: Path, synth_train: Path) -> None:
+def test_version_1_bundle_still_loads_and_scores_unlevelled_windows(old: Path, synth_train: Path) -> None:
     clip = sorted(synth_train.glob("*.wav"))[0]
-    levelled = ClipScorer.from_bundle(load_bundle(copy)).score_file(clip).score
-    edit_meta(copy, _as_version_1)
-    old = load_bundle(copy)
-    assert old.meta.normalisation.levelling == "none"
+    levelled = ClipScorer.from_bundle(load_bundle(old)).score_file(clip).score
+    edit_meta(old, _as_version_1)
+    v1 = load_bundle(old)
+    assert v1.meta.normalisation.levelling == "none"
     # The same weights fed unlevelled windows: what a version 1 reader computed, not the version 2 score.
-    unlevelled = ClipScorer.from_bundle(old).score_file(clip).score
+    unlevelled = ClipScorer.from_bundle(v1).score_file(clip).score
     assert np.isfinite(unlevelled)
     assert unlevelled != pytest.approx(levelled, rel=1e-3)
 
 
-def test_version_1_bundle_claiming_levelling_is_refused(copy: Path) -> None:
-    edit_meta(copy, lambda m: (m.update(format_version=1), m.pop("residual")))
+def test_version_1_bundle_claiming_levelling_is_refused(old: Path) -> None:
+    edit_meta(old, lambda m: (m.update(format_version=1), m.pop("residual")))
     with pytest.raises(BundleError, match=r"normalisation\.levelling needs format_version 2"):
-        load_bundle(copy)
+        load_bundle(old)
 
 
 def test_version_2_bundle_still_loads_and_scores_the_squared_pooled_residual(
-    copy: Path, synth_train: Path
+    old: Path, synth_train: Path
 ) -> None:
     clip = sorted(synth_train.glob("*.wav"))[0]
-    weighted = ClipScorer.from_bundle(load_bundle(copy)).score_file(clip).score
-    edit_meta(copy, _as_version_2)
-    old = load_bundle(copy)
-    assert old.meta.residual is None
-    scorer = ClipScorer.from_bundle(old)
+    weighted = ClipScorer.from_bundle(load_bundle(old)).score_file(clip).score
+    edit_meta(old, _as_version_2)
+    v2 = load_bundle(old)
+    assert v2.meta.residual is None
+    scorer = ClipScorer.from_bundle(v2)
     plain = scorer.score_file(clip).score
     # What a version 2 reader computed: the mean squared pooled residual of the same windows.
     audio, _ = sf.read(clip, dtype="float32")
-    g = old.meta.window
-    windows = old.meta.normalisation.apply(slice_windows(scorer.logmel(audio), g.n_frames, g.hop_frames))
-    residual = pool_residual(windows, scorer.autoencoder.reconstruct(windows), g.pool_frames)
+    g = v2.meta.window
+    windows = v2.meta.normalisation.apply(slice_windows(scorer.logmel(audio), g.n_frames, g.hop_frames))
+    rebuilt = scorer.autoencoder.reconstruct(windows)
+    residual = (rebuilt - windows).reshape(*windows.shape[:2], -1, g.pool_frames).mean(axis=3)
     assert plain == pytest.approx(float(np.mean(residual.astype(np.float64) ** 2)), rel=1e-4)
     assert plain != pytest.approx(weighted, rel=1e-3)
 
 
-def test_rewriting_a_version_2_bundle_keeps_it_version_2(copy: Path) -> None:
+def test_format_3_bundle_reconstructs_each_window_whole(
+    old: Path, bundle_dir: Path, synth_train: Path
+) -> None:
+    """Bundles from before tiles score as they always did: each window through the model in one piece,
+    its band-weighted pooled residual; a format 4 bundle's model takes tiles."""
+    meta = json.loads((old / "model.json").read_text())
+    assert meta["format_version"] == 3
+    assert "tile_frames" not in meta["window"]
+    v3 = load_bundle(old)
+    assert v3.meta.window.model_frames == v3.meta.window.n_frames == 64
+    scorer = ClipScorer.from_bundle(v3)
+    audio, _ = sf.read(sorted(synth_train.glob("*.wav"))[0], dtype="float32")
+    g = v3.meta.window
+    windows = v3.meta.normalisation.apply(slice_windows(scorer.logmel(audio), g.n_frames, g.hop_frames))
+    rebuilt = scorer.autoencoder.reconstruct(windows)
+    pooled = (rebuilt - windows).reshape(*windows.shape[:2], -1, g.pool_frames).mean(axis=3)
+    assert v3.meta.residual is not None
+    np.testing.assert_allclose(
+        scorer.score_samples(audio).window_errors, v3.meta.residual.score(pooled), rtol=1e-5
+    )
+    new = json.loads((bundle_dir / "model.json").read_text())
+    assert new["format_version"] == 4
+    assert new["window"]["tile_frames"] == 16
+    assert load_bundle(bundle_dir).meta.window.model_frames == 16
+
+
+def test_rewriting_a_version_2_bundle_keeps_it_version_2(old: Path) -> None:
     """What `calibrate` does to model.json: a bundle without residual statistics must not come back
     claiming version 3, which requires them."""
-    edit_meta(copy, _as_version_2)
-    meta = load_bundle(copy).meta
-    write_meta(copy, replace(meta, threshold=replace(meta.threshold, k=4.0)))
-    again = load_bundle(copy)
-    assert json.loads((copy / "model.json").read_text())["format_version"] == 2
+    edit_meta(old, _as_version_2)
+    meta = load_bundle(old).meta
+    write_meta(old, replace(meta, threshold=replace(meta.threshold, k=4.0)))
+    again = load_bundle(old)
+    assert json.loads((old / "model.json").read_text())["format_version"] == 2
     assert again.meta.residual is None
     assert again.meta.threshold.k == 4.0
 
@@ -151,12 +186,24 @@ def test_rewriting_a_version_2_bundle_keeps_it_version_2(copy: Path) -> None:
     ("change", "message"),
     [
         (lambda m: m.pop("residual"), r"residual: required from format_version 3 on"),
-        (lambda m: m.update(format_version=2), r"residual needs format_version 3"),
+        (
+            lambda m: m["window"].pop("tile_frames"),
+            r"window\.tile_frames: a positive number from format_version 4",
+        ),
+        (
+            lambda m: m.update(format_version=3),
+            r"window\.tile_frames: a positive number from format_version 4",
+        ),
+        (lambda m: m["window"].update(tile_frames=24), r"tile_frames must divide n_frames and hop_frames"),
+        (
+            lambda m: (m.update(format_version=2), m["window"].pop("tile_frames")),
+            r"residual needs format_version 3",
+        ),
         (lambda m: m["residual"]["var"].__setitem__(5, 0.0), r"residual\.var\[5\]"),
         (lambda m: m["residual"].update(mean=[0.0] * 64), "residual mean has 64 values, features have 128"),
         (lambda m: m["residual"].update(n_blocks=1), r"residual\.n_blocks"),
     ],
-    ids=["missing", "version-2", "zero-var", "short", "one-block"],
+    ids=["missing", "no-tile", "version-3-tiles", "tile-24", "version-2", "zero-var", "short", "one-block"],
 )
 def test_bad_residual_statistics_are_refused_in_one_line(
     copy: Path, change: Callable[[dict[str, Any]], None], message: str
@@ -195,7 +242,7 @@ def test_filterbank_shape_must_match_features(copy: Path) -> None:
 
 
 def test_model_input_must_match_window_geometry(copy: Path) -> None:
-    edit_meta(copy, lambda m: m["window"].update(n_frames=32, pool_frames=16))
+    edit_meta(copy, lambda m: m["window"].update(tile_frames=32, hop_frames=32))
     with pytest.raises(IncompatibleBundleError, match=r"input shape .* need \[batch, 1, 128, 32\]"):
         ClipScorer.from_bundle(load_bundle(copy))
 
@@ -437,8 +484,8 @@ def test_filterbank_header_is_checked_before_its_data(copy: Path) -> None:
 def test_a_graph_that_returns_its_input_shape_loads(copy: Path) -> None:
     install_graph(copy, *identity())
     autoencoder = open_autoencoder(load_bundle(copy))
-    windows = np.ones((3, 128, 64), dtype=np.float32)
-    np.testing.assert_array_equal(autoencoder.reconstruct(windows), windows)
+    tiles = np.ones((3, 128, 16), dtype=np.float32)
+    np.testing.assert_array_equal(autoencoder.reconstruct(tiles), tiles)
 
 
 def identity(shape: list[Any] = WINDOWS, kind: int = TensorProto.FLOAT) -> Graph:
@@ -453,7 +500,7 @@ Graph = tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[onnx.ValueIn
 TRANSPOSED: Graph = (
     [helper.make_node("Transpose", ["w"], ["r"], perm=[0, 1, 3, 2])],
     [window_info("w", WINDOWS)],
-    [window_info("r", ["batch", 1, 64, 128])],
+    [window_info("r", ["batch", 1, 16, 128])],
 )
 TWO_OUTPUTS: Graph = (
     [helper.make_node("Identity", ["w"], ["r"]), helper.make_node("Identity", ["w"], ["s"])],
@@ -473,9 +520,9 @@ TIMES_NAN: Graph = (
         (
             TRANSPOSED,
             {},
-            r"output shape \['batch', 1, 64, 128\] of tensor\(float\), bundle windows need \[batch, 1, 128, 64\]",
+            r"output shape \['batch', 1, 16, 128\] of tensor\(float\), bundle tiles need \[batch, 1, 128, 16\]",
         ),
-        (identity([1, 1, 128, 64]), {}, "fails on a trial batch"),
+        (identity([1, 1, 128, 16]), {}, "fails on a trial batch"),
         (TWO_OUTPUTS, {}, "expected one input and one output, graph has 1 and 2"),
         (identity(kind=TensorProto.DOUBLE), {}, r"input shape .* of tensor\(double\)"),
         (

@@ -9,7 +9,8 @@ import pytest
 from anomalyd.audio import load_audio
 from anomalyd.features import FeatureParams, LogMel
 from anomalyd.residual import VAR_FLOOR, ResidualStats
-from anomalyd.windows import Normalisation, WindowGeometry, pool_residual, slice_windows, window_errors
+from anomalyd.tiles import TileStore, pool_windows, score_pooled, tile_residuals, window_blocks
+from anomalyd.windows import Normalisation, WindowGeometry, slice_windows
 from tests.conftest import MIMII
 from training.dataset import make_filterbank
 
@@ -98,6 +99,61 @@ def test_windows_and_geometry() -> None:
     assert slice_windows(logmel[:, :10], 64, 16).shape == (0, 4, 64)
 
 
+def pool_residual(x: np.ndarray, recon: np.ndarray, pool: int) -> np.ndarray:
+    """Whole windows reconstructed as one tile each (formats 1-3): their pooled residuals."""
+    geometry = WindowGeometry(x.shape[2], 16, pool, 0)
+    return pool_windows(tile_residuals(x, recon, geometry), geometry)
+
+
+def window_errors(
+    x: np.ndarray, recon: np.ndarray, pool_frames: int, stats: ResidualStats | None = None
+) -> np.ndarray:
+    return score_pooled(pool_residual(x, recon, pool_frames), stats)
+
+
+@pytest.mark.parametrize(("tile", "pool"), [(16, 64), (16, 16), (16, 8), (32, 64), (8, 24), (64, 64)])
+def test_windows_pooled_from_tiles_equal_windows_pooled_whole(tile: int, pool: int) -> None:
+    """Each frame reconstructed once, in tiles: a window's pooled residual is exactly what pooling its
+    frames' residuals in one piece gives, for any tile and pool size that fit the window."""
+    n_frames = 192 if pool == 24 else 64
+    geometry = WindowGeometry(n_frames, 64 if tile != 8 else 48, pool, tile)
+    assert not geometry.problems()
+    rng = np.random.default_rng(tile + pool)
+    total = 640
+    frames = rng.standard_normal((8, total)).astype(np.float32)
+    recon = frames + rng.standard_normal((8, total)).astype(np.float32)
+    tiles = slice_windows(frames, tile, tile)
+    tile_blocks = tile_residuals(
+        np.ascontiguousarray(tiles), np.ascontiguousarray(slice_windows(recon, tile, tile)), geometry
+    )
+    n_windows = geometry.n_windows(total)
+    firsts = np.array([geometry.first_tile(w) for w in range(n_windows)], dtype=np.int64)
+    from_tiles = pool_windows(window_blocks(tile_blocks, firsts, geometry), geometry)
+    whole = slice_windows(frames, n_frames, geometry.hop_frames)
+    rebuilt = slice_windows(recon, n_frames, geometry.hop_frames)
+    np.testing.assert_allclose(from_tiles, pool_residual(whole, rebuilt, pool), atol=1e-5)
+    # A stream's store gives the same, window by window, and keeps no tile that no later window needs.
+    store = TileStore(geometry)
+    for index, blocks in enumerate(tile_blocks):
+        store.add(index, blocks)
+    for w in range(n_windows):
+        blocks = store.window(w)[None]
+        np.testing.assert_allclose(pool_windows(blocks, geometry)[0], from_tiles[w], atol=1e-6)
+    store_left = len(store._blocks)
+    assert store_left == len(tile_blocks) - geometry.first_tile(n_windows)
+
+
+def test_tile_geometry_problems_name_the_sizes() -> None:
+    assert not WindowGeometry(tile_frames=16).problems()
+    assert WindowGeometry(tile_frames=16).model_frames == 16
+    assert WindowGeometry(tile_frames=16).tiles_per_window == 4
+    assert WindowGeometry().model_frames == 64
+    assert WindowGeometry().tile_hop == 16
+    assert "tile_frames must divide" in WindowGeometry(64, 16, 64, 32).problems()[0]
+    assert "tile_frames must divide" in WindowGeometry(64, 24, 64, 16).problems()[0]
+    assert "pool_frames divide n_frames" in WindowGeometry(64, 16, 48, 16).problems()[0]
+
+
 def test_window_errors_pool_one_is_mse_and_pooling_cancels_zero_mean_noise() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 8, 64)).astype(np.float32)
@@ -128,7 +184,7 @@ def test_residual_statistics_weigh_each_band_by_its_spread_on_normal_windows() -
     tight, loose = stats.score(shifted)
     assert tight == pytest.approx(1 / (8 * stats.var[0]), rel=1e-4)
     assert tight > 20 * loose
-    # window_errors with the statistics is that score of the pooled residual.
+    # The score with the statistics is that score of the pooled residual.
     x = rng.standard_normal((3, 8, 64)).astype(np.float32)
     recon = x + rng.standard_normal((3, 8, 64)).astype(np.float32)
     np.testing.assert_allclose(

@@ -17,7 +17,7 @@ from sklearn.metrics import roc_auc_score
 from anomalyd.audio import list_audio_files
 from anomalyd.bundle import load_bundle, sha256_file
 from anomalyd.scoring import ClipScorer
-from anomalyd.windows import pool_residual, slice_windows
+from anomalyd.windows import slice_windows
 from fixtures.synth import FAULTS
 from tests.conftest import SMALL_PRESET
 from training import train
@@ -36,9 +36,9 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     ]
     assert meta["features"]["sample_rate"] == 16_000
     assert meta["features"]["n_mels"] == 128
-    assert meta["window"] == {"n_frames": 64, "hop_frames": 16, "pool_frames": 64}
+    assert meta["window"] == {"n_frames": 64, "hop_frames": 16, "pool_frames": 64, "tile_frames": 16}
     assert meta["normalisation"]["levelling"] == "window_power"
-    assert meta["format_version"] == 3
+    assert meta["format_version"] == 4
     assert len(meta["normalisation"]["mean"]) == len(meta["normalisation"]["std"]) == 128
     t = meta["threshold"]
     assert t["k"] == 3.0
@@ -62,23 +62,22 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
 
 
 def test_residual_statistics_are_those_of_the_training_windows(bundle_dir: Path, synth_train: Path) -> None:
-    """Training windows scored again by the runtime: their pooled residual has the stored mean and
+    """Training blocks scored again by the runtime: their windows' pooled residual has the stored mean and
     variance, so on average they score about 1 (the score is in units of their own spread)."""
     bundle = load_bundle(bundle_dir)
     meta, residual = bundle.meta, bundle.meta.residual
     assert residual is not None
     scorer = ClipScorer.from_bundle(bundle)
-    hop = meta.training["config"]["train_hop_frames"]
     trained = [synth_train / f["name"] for f in meta.training["files"] if f["blocks"] == "T"]
     pooled = []
     for path in trained:
         audio, _ = sf.read(path, dtype="float32")
-        windows = meta.normalisation.apply(slice_windows(scorer.logmel(audio), meta.window.n_frames, hop))
-        pooled.append(
-            pool_residual(windows, scorer.autoencoder.reconstruct(windows), meta.window.pool_frames)
-        )
+        # Each frame through the model once, in tiles; windows pooled from them (anomalyd/tiles.py).
+        tiles = meta.normalisation.apply(slice_windows(scorer.logmel(audio), meta.window.tile_frames, 16))
+        frames = (scorer.autoencoder.reconstruct(tiles) - tiles).transpose(1, 0, 2).reshape(128, -1)
+        windows = slice_windows(frames, meta.window.n_frames, meta.window.hop_frames)
+        pooled.append(windows.reshape(*windows.shape[:2], -1, meta.window.pool_frames).mean(axis=3))
     blocks = np.concatenate(pooled)
-    assert blocks.shape[0] == meta.training["train_windows"]
     assert residual.n_blocks == blocks.shape[0] * blocks.shape[2]
     flat = np.moveaxis(blocks, 1, -1).reshape(-1, blocks.shape[1]).astype(np.float64)
     np.testing.assert_allclose(residual.mean, flat.mean(axis=0), atol=1e-4)

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 QUICK = ["--epochs", "2", "--channels", "8,8,4", "--patience", "2"]
 TRAIN_HOP = train.TrainConfig().train_hop_frames
 N_FRAMES = train.TrainConfig().n_frames
+TILE = train.TrainConfig().tile_frames or N_FRAMES  # what the model is trained on
 
 
 def _write(path: Path, audio: np.ndarray, rate: int = SAMPLE_RATE, **kwargs: str) -> Path:
@@ -81,14 +82,14 @@ def test_one_long_recording_trains_split_by_time(long_bundle: Path, long_recordi
     val_spans = [
         (b.start * hop, (b.stop - 1) * hop + n_fft) for b, r in zip(cut, roles, strict=True) if r == "V"
     ]
-    train_windows = [
-        (s * hop, (s + N_FRAMES - 1) * hop + n_fft)
+    train_tiles = [
+        (s * hop, (s + TILE - 1) * hop + n_fft)
         for b, r in zip(cut, roles, strict=True)
         if r == "T"
-        for s in range(b.start, b.stop - N_FRAMES + 1, TRAIN_HOP)
+        for s in range(b.start, b.stop - TILE + 1, TRAIN_HOP)
     ]
-    assert len(train_windows) == info["train_windows"]  # exactly the windows training used
-    for w0, w1 in train_windows:
+    assert len(train_tiles) == info["train_inputs"]  # exactly the model inputs training used
+    for w0, w1 in train_tiles:
         assert all(w1 <= v0 or w0 >= v1 for v0, v1 in val_spans)
 
     # The threshold is the validation blocks' scores, reproduced by the runtime from their audio.

@@ -107,7 +107,7 @@ class WindowSet:
     def __init__(
         self, logmels: list[npt.NDArray[np.float32]], n_frames: int, hop_frames: int, norm: Normalisation
     ) -> None:
-        geometry = WindowGeometry(n_frames, hop_frames, n_frames)
+        geometry = WindowGeometry(n_frames, hop_frames, n_frames, 0)
         starts, offset = [], 0
         for logmel in logmels:
             starts.append(offset + hop_frames * np.arange(geometry.n_windows(logmel.shape[1])))

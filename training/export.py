@@ -15,7 +15,7 @@ import logging
 import platform
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,7 @@ from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.residual import ResidualStats
 from anomalyd.scoring import ClipScorer
-from anomalyd.windows import Normalisation, WindowGeometry, pool_residual
-from training.blocks import WindowSet
+from anomalyd.windows import Normalisation, WindowGeometry
 from training.dataset import Clip
 from training.model import Architecture, ConvAutoencoder
 
@@ -55,7 +54,6 @@ logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - torch| on the same windows
 ONNX_OPSET = 17
-RESIDUAL_BATCH = 256  # training windows per ONNX Runtime call when fitting the residual statistics
 # The file's IR version is set to the lowest one that can carry ONNX_OPSET (8 for opset 17), never the
 # newest the installed `onnx` knows: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot load (it reads up
 # to IR 13). The oldest IR keeps bundles loadable by the oldest runtime that has the operators.
@@ -72,8 +70,9 @@ class ExportInputs:
     geometry: WindowGeometry
     normalisation: Normalisation
     val_clips: list[Clip]  # held-out normal clips the threshold is fitted on
-    train_windows: WindowSet  # normalised training windows: the residual statistics are fitted on them
-    parity_windows: npt.NDArray[np.float32]  # (n, n_mels, n_frames) normalised windows
+    train_clips: list[Clip]  # training blocks: the residual statistics are fitted on their windows
+    train_hop_frames: int  # frames between those windows, where the model takes whole windows
+    parity_windows: npt.NDArray[np.float32]  # (n, n_mels, model_frames) normalised tiles
     k: float
     training: dict[str, Any]
 
@@ -111,13 +110,16 @@ def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDAr
     return diff
 
 
-def fit_residual(runtime: Autoencoder, windows: WindowSet, pool_frames: int) -> ResidualStats:
-    """Each band's pooled residual statistics over the training windows, as the exported model gives them."""
-
-    def pooled(batch: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        return pool_residual(batch, runtime.reconstruct(batch), pool_frames)
-
-    return ResidualStats.fit(pooled(b[:, 0].numpy()) for b in windows.batches(RESIDUAL_BATCH))
+def fit_residual(scorer: ClipScorer, train_clips: list[Clip], train_hop_frames: int) -> ResidualStats:
+    """Each band's pooled residual statistics over the training blocks' windows, as the exported model
+    and the daemon's own scoring path give them. Windows start every `train_hop_frames` where the model
+    takes whole windows, every tile where it takes tiles (a window is whole tiles)."""
+    g = scorer.geometry
+    dense = ClipScorer(
+        scorer.logmel, replace(g, hop_frames=g.tile_frames or train_hop_frames), scorer.normalisation,
+        scorer.autoencoder,
+    )  # fmt: skip
+    return ResidualStats.fit(dense.pooled_residuals(c.logmel) for c in train_clips)
 
 
 def fit_threshold(scorer: ClipScorer, val_clips: list[Clip], k: float) -> Threshold:
@@ -168,7 +170,7 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir()
 
-    export_onnx(inp.model, params.n_mels, inp.geometry.n_frames, built / MODEL_FILE)
+    export_onnx(inp.model, params.n_mels, inp.geometry.model_frames, built / MODEL_FILE)
     save_file(
         {k: v.contiguous() for k, v in inp.model.state_dict().items()},
         str(built / WEIGHTS_FILE),
@@ -176,9 +178,10 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     )
     np.save(built / FILTERBANK_FILE, inp.logmel.filterbank, allow_pickle=False)
 
-    runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.n_frames)
+    runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.model_frames)
     max_diff = check_parity(inp.model, runtime, inp.parity_windows)
-    residual = fit_residual(runtime, inp.train_windows, inp.geometry.pool_frames)
+    scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime)
+    residual = fit_residual(scorer, inp.train_clips, inp.train_hop_frames)
     scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime, residual)
     threshold = fit_threshold(scorer, inp.val_clips, inp.k)
 

@@ -37,7 +37,9 @@ from training.model import Architecture, ConvAutoencoder
 # solution, so fewer epochs, a shorter patience and smaller steps that refine it rather than wreck it.
 FINETUNE_DEFAULTS: dict[str, Any] = {"epochs": 30, "patience": 5, "learning_rate": 3e-4}
 C = TypeVar("C")  # training.train's TrainConfig (imported from there would be circular)
-_FROM_PARENT = ("channels", "kernel_size", "n_frames", "hop_frames", "pool_frames", "levelling", "fmax")
+_FROM_PARENT = (
+    "channels", "kernel_size", "n_frames", "hop_frames", "pool_frames", "tile_frames", "levelling", "fmax",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ def adapt_config(config: C, explicit: set[str], options: set[str], parent_path: 
         "n_frames": window.n_frames,
         "hop_frames": window.hop_frames,
         "pool_frames": window.pool_frames,
+        "tile_frames": window.tile_frames,
         "levelling": bundle.meta.normalisation.levelling,
         "fmax": bundle.meta.features.fmax,
     }

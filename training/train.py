@@ -62,6 +62,7 @@ class TrainConfig:
     hop_frames: int = 16  # frames between windows when scoring; stored in the bundle
     train_hop_frames: int = 8  # denser windows for training: more examples from little audio
     pool_frames: int = 64  # frames averaged in the residual before squaring; stored in the bundle
+    tile_frames: int = 0  # model input frames, each frame once (16: a quarter of the cost); 0: whole windows
     levelling: str = "window_power"  # "window_power": each window's level removed (gain-proof), or "none"
     fmax: float = FMAX  # Hz, highest mel filterbank edge; above the resampler's passband bands are unreliable
     # model (see training/model.py)
@@ -70,7 +71,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 100  # most epochs to train; early stopping usually ends sooner
     patience: int = 10  # epochs without a better validation loss before stopping
-    batch_size: int = 32  # windows per step
+    batch_size: int = 32  # model inputs (windows, or tiles) per step
     learning_rate: float = 1e-3  # Adam's learning rate
     # decision rule
     k: float = 3.0  # threshold = mean + k * std of validation block scores
@@ -87,6 +88,14 @@ class TrainConfig:
             found.append(f"n_frames must be a positive multiple of 8, got {self.n_frames}")
         if self.pool_frames <= 0 or self.n_frames % self.pool_frames:
             found.append(f"pool_frames must divide n_frames ({self.n_frames}), got {self.pool_frames}")
+        if self.tile_frames and (
+            self.tile_frames < 0 or self.tile_frames % 8 or self.n_frames % self.tile_frames
+            or self.hop_frames % self.tile_frames
+        ):  # fmt: skip
+            found.append(
+                f"tile_frames must be 0 or a multiple of 8 that divides n_frames ({self.n_frames}) and "
+                f"hop_frames ({self.hop_frames}), got {self.tile_frames}"
+            )
         for key in ("hop_frames", "train_hop_frames", "epochs", "patience", "batch_size", "threads"):
             if getattr(self, key) <= 0:
                 found.append(f"{key} must be positive, got {getattr(self, key)}")
@@ -367,7 +376,8 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     params = FeatureParams(fmax=config.fmax)
     filterbank = make_filterbank(params)
     logmel = LogMel(params, filterbank)
-    geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames)
+    geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames, config.tile_frames)
+    model_frames = geometry.model_frames
     parent = load_parent(args.init_from, params) if args.init_from is not None else None
 
     recordings, data_info = load_data(args, config, logmel)
@@ -393,17 +403,17 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         else Normalisation.fit(
             [c.logmel for c in train_clips],
             levelling=config.levelling,
-            geometry=WindowGeometry(config.n_frames, config.train_hop_frames, config.n_frames),
+            geometry=WindowGeometry(model_frames, config.train_hop_frames, model_frames, 0),
         )
     )
-    x_train = WindowSet([c.logmel for c in train_clips], config.n_frames, config.train_hop_frames, norm)
-    x_val = WindowSet([c.logmel for c in val_clips], config.n_frames, config.train_hop_frames, norm)
+    x_train = WindowSet([c.logmel for c in train_clips], model_frames, config.train_hop_frames, norm)
+    x_val = WindowSet([c.logmel for c in val_clips], model_frames, config.train_hop_frames, norm)
     seconds = {
         name: sum(c.logmel.shape[1] for c in chosen) * params.hop_length / params.sample_rate
         for name, chosen in (("train", train_clips), ("val", val_clips))
     }
     logger.info(
-        "training on %d windows from %d blocks (%.0f s), validating on %d windows from %d blocks (%.0f s)",
+        "training on %d tiles from %d blocks (%.0f s), validating on %d tiles from %d blocks (%.0f s)",
         len(x_train), len(train_clips), seconds["train"], len(x_val), len(val_clips), seconds["val"],
     )  # fmt: skip
 
@@ -439,7 +449,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
         "best_epoch": result.best_epoch,
         "best_val_loss": result.best_val_loss,
         "active_code_share": round(code_share, 4),  # 0: a dead code (see training.model.active_code_share)
-        "train_windows": len(x_train),
+        "train_inputs": len(x_train),  # tiles (whole windows with tile_frames = 0), every train_hop_frames
         "seconds": round(time.monotonic() - started, 1),
         **(parent.info() if parent is not None else {}),
     }
@@ -453,7 +463,8 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
             geometry=geometry,
             normalisation=norm,
             val_clips=val_clips,
-            train_windows=x_train,
+            train_clips=train_clips,
+            train_hop_frames=config.train_hop_frames,
             parity_windows=x_val.take(np.arange(min(64, len(x_val))))[:, 0].numpy(),
             k=config.k,
             training=training_info,
