@@ -91,6 +91,10 @@ class TileStore:
         self.geometry = geometry
         self._blocks: dict[int, npt.NDArray[np.float32]] = {}  # tile index -> (n_mels, b)
 
+    def __len__(self) -> int:
+        """Tiles held."""
+        return len(self._blocks)
+
     def add(self, index: int, blocks: npt.NDArray[np.float32]) -> None:
         self._blocks[index] = blocks
 

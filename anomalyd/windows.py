@@ -77,8 +77,8 @@ class WindowGeometry:
         """Reasons these sizes cannot work together; empty when they can."""
         if min(self.n_frames, self.hop_frames, self.pool_frames) <= 0 or self.n_frames % self.pool_frames:
             return [f"window sizes must be positive and pool_frames divide n_frames, got {self}"]
-        if self.tile_frames and (
-            self.tile_frames < 0 or self.n_frames % self.tile_frames or self.hop_frames % self.tile_frames
+        if self.tile_frames < 0 or (
+            self.tile_frames and (self.n_frames % self.tile_frames or self.hop_frames % self.tile_frames)
         ):
             return [f"tile_frames must divide n_frames and hop_frames (whole tiles per window), got {self}"]
         return []

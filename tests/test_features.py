@@ -139,8 +139,7 @@ def test_windows_pooled_from_tiles_equal_windows_pooled_whole(tile: int, pool: i
     for w in range(n_windows):
         blocks = store.window(w)[None]
         np.testing.assert_allclose(pool_windows(blocks, geometry)[0], from_tiles[w], atol=1e-6)
-    store_left = len(store._blocks)
-    assert store_left == len(tile_blocks) - geometry.first_tile(n_windows)
+    assert len(store) == len(tile_blocks) - geometry.first_tile(n_windows)
 
 
 def test_tile_geometry_problems_name_the_sizes() -> None:

@@ -246,3 +246,21 @@ def test_progress_is_a_line_per_epoch_when_output_is_not_a_terminal(
                            "--preset", str(SMALL_PRESET), "--epochs", "3"]) == 0  # fmt: skip
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("epoch ")]
     assert [line.split(":")[0] for line in lines] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tile_frames": 12}, "tile_frames must be 0 or a multiple of 8, got 12"),
+        ({"tile_frames": 32}, "tile_frames must divide n_frames and hop_frames"),
+        ({"tile_frames": -16}, "tile_frames must divide n_frames and hop_frames"),
+        ({"pool_frames": 48}, "pool_frames divide n_frames"),
+    ],
+)
+def test_window_and_tile_sizes_that_cannot_work_together_are_refused(
+    change: dict[str, int], message: str
+) -> None:
+    """Training refuses what a bundle could not hold, with the bundle's own words, before any work."""
+    assert not train.TrainConfig(tile_frames=16).problems()
+    problems = train.TrainConfig(**change).problems()  # type: ignore[arg-type]
+    assert any(message in p for p in problems), problems

@@ -80,22 +80,20 @@ class TrainConfig:
     threads: int = 2  # torch CPU threads
     name: str = ""  # model name, the first part of the model id; default: the first --normal folder's name
 
+    @property
+    def geometry(self) -> WindowGeometry:
+        """The windows and tiles these settings describe, as the bundle will store them."""
+        return WindowGeometry(self.n_frames, self.hop_frames, self.pool_frames, self.tile_frames)
+
     def problems(self) -> list[str]:
         found = []
         if not 0 < self.val_fraction < 1:
             found.append(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if self.n_frames % 8 or self.n_frames <= 0:
             found.append(f"n_frames must be a positive multiple of 8, got {self.n_frames}")
-        if self.pool_frames <= 0 or self.n_frames % self.pool_frames:
-            found.append(f"pool_frames must divide n_frames ({self.n_frames}), got {self.pool_frames}")
-        if self.tile_frames and (
-            self.tile_frames < 0 or self.tile_frames % 8 or self.n_frames % self.tile_frames
-            or self.hop_frames % self.tile_frames
-        ):  # fmt: skip
-            found.append(
-                f"tile_frames must be 0 or a multiple of 8 that divides n_frames ({self.n_frames}) and "
-                f"hop_frames ({self.hop_frames}), got {self.tile_frames}"
-            )
+        found += self.geometry.problems()
+        if self.tile_frames % 8:
+            found.append(f"tile_frames must be 0 or a multiple of 8, got {self.tile_frames}")
         for key in ("hop_frames", "train_hop_frames", "epochs", "patience", "batch_size", "threads"):
             if getattr(self, key) <= 0:
                 found.append(f"{key} must be positive, got {getattr(self, key)}")
@@ -376,7 +374,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
     params = FeatureParams(fmax=config.fmax)
     filterbank = make_filterbank(params)
     logmel = LogMel(params, filterbank)
-    geometry = WindowGeometry(config.n_frames, config.hop_frames, config.pool_frames, config.tile_frames)
+    geometry = config.geometry
     model_frames = geometry.model_frames
     parent = load_parent(args.init_from, params) if args.init_from is not None else None
 
