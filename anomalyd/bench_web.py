@@ -4,7 +4,8 @@ Two runs of `anomalyd run` in a fresh process each, on the same `streams` real-t
 a threshold no window reaches, so that both runs do the same work): one without the web side, one with
 it and a page open (a client following /api/live, as the dashboard does) and Prometheus scraping
 /metrics every 5 s. After a warm-up, CPU is the process's user + system time over the measured span
-(from /proc), RSS its resident memory at the end.
+(from /proc), RSS its resident memory at the end. Each run also times the daemon's start: from launch to
+its READY=1 to systemd (a notification socket of our own), i.e. every bundle loaded and every stream open.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 class Cost:
     rss_mb: float
     cpu_percent: float  # of one core
+    ready_s: float  # launch -> READY=1
 
 
 def _free_port() -> int:
@@ -76,18 +78,31 @@ def _scrape(url: str, stop: threading.Event) -> None:
             resp.read()
 
 
+def _ready(notify: socket.socket, launched: float) -> float:
+    """Seconds from `launched` until the daemon says READY=1."""
+    while True:
+        message = notify.recv(4096).decode()
+        if "READY=1" in message.splitlines():
+            return time.monotonic() - launched
+
+
 def run_cost(bundle: Path, streams: int, seconds: float, web: bool) -> Cost:
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
         folder = Path(tmp)
         port = _free_port() if web else None
         config = _config(folder, bundle, streams, port)
+        notify.bind(str(folder / "notify.sock"))
+        notify.settimeout(60.0)
+        launched = time.monotonic()
         process = subprocess.Popen(
             [sys.executable, "-m", "anomalyd", "run", "--config", str(config)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "NOTIFY_SOCKET": str(folder / "notify.sock")},
         )  # fmt: skip
         stop = threading.Event()
         clients: list[threading.Thread] = []
         try:
+            ready = _ready(notify, launched)
             time.sleep(WARM_UP_S)
             if port is not None:
                 base = f"http://127.0.0.1:{port}"
@@ -106,7 +121,7 @@ def run_cost(bundle: Path, streams: int, seconds: float, web: bool) -> Cost:
             stop.set()
             process.terminate()
             process.wait(15)
-        return Cost(rss, 100.0 * (cpu1 - cpu0) / (wall1 - wall0))
+        return Cost(rss, 100.0 * (cpu1 - cpu0) / (wall1 - wall0), ready)
 
 
 def web_cost(bundle: Path, streams: int = 16, seconds: float = 30.0) -> tuple[Cost, Cost]:

@@ -100,6 +100,11 @@ class HealthMonitor:
             )
         return self._set(SourceState.OK, f"level {level:.1f} dBFS")
 
+    def samples_to_second(self, rate: int) -> int:
+        """How many more samples complete the second being judged (so that a long block is judged one
+        second at a time, as short ones are)."""
+        return max(1, rate - self._second.samples)
+
     def _silent_chunks(self, samples: npt.NDArray[np.float32], rate: int) -> int:
         """How many 10 ms chunks of the block are digital silence (a short block counts as one chunk)."""
         size = max(1, int(rate * CHUNK_SECONDS))

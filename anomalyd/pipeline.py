@@ -1,78 +1,46 @@
-"""The pipeline: sources -> one worker (features, batched ONNX Runtime, detectors) -> the store's writer.
+"""The pipeline: sources -> workers (features, batched ONNX Runtime, detectors) -> the store's writer.
 
-Capture callbacks and file readers only enqueue. The worker thread owns every stream's state; it takes
-what is queued, turns audio into windows, scores the windows of all streams in batches (one ONNX Runtime
-call per model per batch), runs each stream's detector, and hands events, status changes and clips to
-the store's writer thread. Reconfiguration swaps streams inside the worker, between two batches.
-
-Stopping is bounded whatever the backlog: once asked to stop, the worker processes queued audio for at
-most `STOP_DRAIN_S`, discards (and counts) the rest, scores the windows it already holds, closes every
-open event with reason `shutdown` and exits; nothing is scored after that.
+Each stream belongs to one worker thread (anomalyd/worker.py), which owns its state; the pipeline
+routes every source's audio and notices to the stream's worker. One worker carries a few hundred
+real-time streams; with more streams it takes more workers, one per `STREAMS_PER_WORKER` streams up to
+one per CPU core (`inference.workers` sets the number). ONNX Runtime and numpy's larger steps leave the
+interpreter free while they run, so workers share the cores. A box that still cannot keep up says so:
+each stream's lag, and the streams lagging, are in the status, the log and MQTT.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
+import math
+import os
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
+from threadpoolctl import threadpool_limits
 
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
-from anomalyd.records import (
-    AlarmState,
-    AnomalyEvent,
-    ClipJob,
-    ScoreReport,
-    SourceState,
-    SourceStatus,
-    utc_now,
-)
-from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
+from anomalyd.latency import LatencyRecord
+from anomalyd.records import SourceState
+from anomalyd.sources.base import SourceMessage
 from anomalyd.sources.make import make_source
 from anomalyd.sources.mic import DeviceCapture, MicIO, PortAudioHost
-from anomalyd.stream import Model, Output, StreamRuntime
-from anomalyd.streaming import Step, Tile, Window
+from anomalyd.stream import Model, StreamRuntime
 from anomalyd.tap import AudioTap, StreamSource
-from anomalyd.tiles import reconstruct_into, score_windows
+from anomalyd.worker import EventSink, Worker
 
 logger = logging.getLogger(__name__)
 
-QUEUE_BLOCKS = 2000  # audio blocks waiting for the worker (200 s of one stream at 0.1 s blocks)
-STOP_DRAIN_S = 0.5  # at shutdown, queued audio is still processed for at most this long
-
-
-class EventSink(Protocol):
-    def put(self, item: AnomalyEvent | SourceStatus | ClipJob | ScoreReport | AlarmState) -> None: ...
+STREAMS_PER_WORKER = 256  # with inference.workers = 0: a worker for each this many streams
 
 
 class Source(Protocol):
     def start(self) -> None: ...
     def request_stop(self) -> None: ...
     def stop(self, timeout: float = ...) -> None: ...
-
-
-@dataclass(frozen=True)
-class _Swap:
-    """Worker-thread instruction: end `remove` streams, then add `add` streams."""
-
-    remove: list[str]
-    add: list[StreamRuntime]
-    done: threading.Event
-
-
-@dataclass(frozen=True)
-class _Restate:
-    """Worker-thread instruction: state every stream's alarm state (and known source health) again."""
-
-    done: threading.Event
 
 
 def source_key(stream: StreamConfig) -> str:
@@ -83,31 +51,50 @@ def source_key(stream: StreamConfig) -> str:
     return f"file:{stream.name}"
 
 
+def worker_count(setting: int, streams: int) -> int:
+    """inference.workers, or for 0 one per STREAMS_PER_WORKER streams, at most one per usable core."""
+    if setting:
+        return setting
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, math.ceil(streams / STREAMS_PER_WORKER)))
+
+
 class Pipeline:
     def __init__(
         self, sink: EventSink, mic_io: MicIO | None = None, score_interval: float | None = None
     ) -> None:
         self._sink = sink
-        self._queue: queue.Queue[SourceMessage | _Swap | _Restate] = queue.Queue(maxsize=QUEUE_BLOCKS)
-        self._thread = threading.Thread(target=self._run, name="worker", daemon=True)
-        self._runtimes: dict[str, StreamRuntime] = {}
+        self._workers: list[Worker] = []
+        self._placement: dict[str, Worker] = {}  # stream -> its worker; replaced whole, never changed
         self._sources: dict[str, Source] = {}
         self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
         self._host = PortAudioHost()
         self._mic_io = mic_io or MicIO()
         self._score_interval = score_interval  # seconds between ScoreReports per stream; None: none
-        self._next_report: dict[str, float] = {}
         self._stopping = threading.Event()
-        self._started = _Restate(threading.Event())
-        self._pending_tiles: list[tuple[StreamRuntime, Tile]] = []
-        self._pending: list[tuple[StreamRuntime, Window]] = []  # scored once their tiles are
         self.config: DaemonConfig | None = None
-        self.heartbeat = time.monotonic()
-        self.windows_scored = 0
-        self.blocks_dropped = 0  # capture blocks lost because the worker could not keep up
-        self.blocks_discarded = 0  # queued audio given up at shutdown
+        self.blocks_dropped = 0  # capture blocks lost because a worker could not keep up
         self.events_started: dict[str, int] = defaultdict(int)  # per stream, since the daemon started
         self.tap = AudioTap()  # copies of streams' audio at the model rate for `anomalyd record`
+        self.latency = LatencyRecord()  # seconds from a window's last audio arriving to its score
+
+    @property
+    def heartbeat(self) -> float:
+        """The last sign of progress of the slowest worker (monotonic seconds)."""
+        return min((w.heartbeat for w in self._workers), default=time.monotonic())
+
+    @property
+    def windows_scored(self) -> int:
+        return sum(w.windows_scored for w in self._workers)
+
+    @property
+    def blocks_discarded(self) -> int:
+        """Queued audio blocks given up at shutdown."""
+        return sum(w.blocks_discarded for w in self._workers)
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
 
     # ---- building ----------------------------------------------------------------------------------
 
@@ -143,13 +130,45 @@ class Pipeline:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
+    def _add_workers(self, setting: int, streams: int) -> list[Worker]:
+        """New workers (not started) up to worker_count(...); a reload never takes one away."""
+        new = []
+        while len(self._workers) < worker_count(setting, streams):
+            worker = Worker(
+                "worker" if not self._workers else f"worker-{len(self._workers) + 1}", self._sink,
+                tap=self.tap, latency=self.latency, events_started=self.events_started,
+                stopping=self._stopping, max_batch=self._max_batch, score_interval=self._score_interval,
+            )  # fmt: skip
+            self._workers.append(worker)
+            new.append(worker)
+        return new
+
+    def _max_batch(self) -> int:
+        return self.config.inference.max_batch if self.config else 64
+
+    def _least_loaded(self, placement: dict[str, Worker]) -> Worker:
+        load = {id(w): 0 for w in self._workers}
+        for worker in placement.values():
+            load[id(worker)] += 1
+        return min(self._workers, key=lambda w: load[id(w)])
+
     def start(self, config: DaemonConfig) -> None:
-        """Load all bundles (fatal if any is bad), then start the worker and every source."""
+        """Load all bundles (fatal if any is bad), then start the workers and every source."""
         models = self._models(config)
+        # OpenBLAS would otherwise spread each log-mel product over every core and spin waiting between
+        # them: for a block's few dozen frames that costs more than the product. The daemon's parallelism
+        # is its worker threads and ONNX Runtime's (inference.threads).
+        threadpool_limits(limits=1, user_api="blas")
         self.config = config
-        self._runtimes = {s.name: self._runtime(s, models[s.bundle], config) for s in config.streams}
-        self._queue.put(self._started)
-        self._thread.start()
+        self._add_workers(config.inference.workers, len(config.streams))
+        placement: dict[str, Worker] = {}
+        for stream in config.streams:
+            placement[stream.name] = self._least_loaded(placement)
+        self._placement = placement
+        for worker in self._workers:
+            mine = [s for s in config.streams if placement[s.name] is worker]
+            worker.start([self._runtime(s, models[s.bundle], config) for s in mine])
+        logger.info("%d stream(s) on %d worker(s)", len(config.streams), len(self._workers))
         for key, members in self._group(config).items():
             self._start_source(key, members, config)
 
@@ -168,12 +187,13 @@ class Pipeline:
         old = {s.name: s for s in self.config.streams}
         models = self._models(config)  # before touching anything: a bad bundle refuses the whole reload
         # A calibration changes k in model.json but not the model id: the threshold counts as a change.
+        running = {r.name: r for r in self.streams()}
         unchanged = {
             s.name
             for s in config.streams
             if old.get(s.name) == s
-            and self._runtimes[s.name].model.bundle.meta.model_id == models[s.bundle].bundle.meta.model_id
-            and self._runtimes[s.name].model.bundle.meta.threshold == models[s.bundle].bundle.meta.threshold
+            and running[s.name].model.bundle.meta.model_id == models[s.bundle].bundle.meta.model_id
+            and running[s.name].model.bundle.meta.threshold == models[s.bundle].bundle.meta.threshold
             and config.health == self.config.health
             and config.storage.clips == self.config.storage.clips
         }
@@ -183,13 +203,28 @@ class Pipeline:
             if self._source_members[key] != new_groups.get(key):
                 self._sources.pop(key).stop()
                 self._source_members.pop(key)
-        remove = [name for name in self._runtimes if name not in unchanged]
+        remove = [name for name in running if name not in unchanged]
         add = [self._runtime(s, models[s.bundle], config) for s in config.streams if s.name not in unchanged]
         changes += [f"stopped {n}" for n in remove if n not in {r.name for r in add}]
         changes += [f"{'restarted' if r.name in old else 'added'} {r.name}" for r in add]
-        done = threading.Event()
-        self._queue.put(_Swap(remove, add, done))
-        done.wait(10.0)
+        # [inference] takes effect at a restart; with workers = 0, more streams still get more workers.
+        for worker in self._add_workers(self.config.inference.workers, len(config.streams)):
+            worker.start([])
+        old_placement = self._placement
+        # A restarted stream stays with its worker (so that the worker ends it before starting it anew).
+        placement = {n: w for n, w in self._placement.items() if n in unchanged or n in {r.name for r in add}}
+        for runtime in add:
+            placement.setdefault(runtime.name, self._least_loaded(placement))
+        self._placement = placement
+        swaps = [
+            worker.swap(
+                [n for n in remove if old_placement.get(n) is worker],
+                [r for r in add if placement[r.name] is worker],
+            )
+            for worker in self._workers
+        ]
+        for done in swaps:
+            done.wait(10.0)
         for key, members in new_groups.items():
             if key not in self._sources:
                 self._start_source(key, members, config)
@@ -200,8 +235,9 @@ class Pipeline:
         """Wait until every stream's alarm state has been stated after start and its source has said how
         it is (opened, lost...), all handed to the sink; False if that took longer than `timeout`."""
         deadline = time.monotonic() + timeout
-        if not self._started.done.wait(timeout):
-            return False
+        for worker in self._workers:
+            if not worker.started.done.wait(max(0.0, deadline - time.monotonic())):
+                return False
         while any(r.health.state is None for r in self.streams()):
             if time.monotonic() > deadline:
                 return False
@@ -218,10 +254,9 @@ class Pipeline:
             source.request_stop()
         for source in self._sources.values():
             source.stop(min(0.5, max(0.01, (deadline - time.monotonic()) / 4)))
-        if self._thread.is_alive():
-            self._thread.join(max(0.1, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            logger.error("worker did not stop within %.1f s", timeout)
+        stopped = [w.join(max(0.1, deadline - time.monotonic())) for w in self._workers]
+        if not all(stopped):
+            logger.error("%d worker(s) did not stop within %.1f s", stopped.count(False), timeout)
             return False
         if self.blocks_discarded:
             logger.warning("stopping: %d queued audio block(s) discarded unscored", self.blocks_discarded)
@@ -230,31 +265,28 @@ class Pipeline:
     # ---- input ---------------------------------------------------------------------------------------
 
     def put_nowait(self, message: SourceMessage) -> None:
-        """For capture callbacks: never blocks; a full queue drops the block and counts it."""
-        try:
-            self._queue.put_nowait(message)
-        except queue.Full:
+        """For capture callbacks: never blocks; a full inbox drops the block and counts it."""
+        worker = self._placement.get(message.stream)
+        if worker is not None and not worker.inbox.put_nowait(message):
             self.blocks_dropped += 1
             if self.blocks_dropped in (1, 10, 100) or self.blocks_dropped % 1000 == 0:
                 logger.warning("worker cannot keep up: %d audio blocks dropped", self.blocks_dropped)
 
     def put_blocking(self, message: SourceMessage) -> None:
         """For file replay: waits while the worker is busy, so that fast replay loses nothing."""
-        while not self._stopping.is_set():
-            try:
-                self._queue.put(message, timeout=0.2)
-                return
-            except queue.Full:
-                continue
+        worker = self._placement.get(message.stream)
+        if worker is not None:  # else a stream a reload just removed
+            worker.inbox.put(message, self._stopping)
 
-    # ---- the worker thread ---------------------------------------------------------------------------
+    # ---- the streams --------------------------------------------------------------------------------
 
     def streams(self) -> list[StreamRuntime]:
-        return list(self._runtimes.values())
+        return [r for worker in self._workers for r in list(worker.runtimes.values())]
 
     def describe(self, name: str) -> StreamSource | None:
         """What a recording client is told about a stream (None: no such stream). Any thread."""
-        runtime = self._runtimes.get(name)
+        worker = self._placement.get(name)
+        runtime = worker.runtimes.get(name) if worker is not None else None
         source = self._sources.get(source_key(runtime.config)) if runtime is not None else None
         if runtime is None or source is None:
             return None
@@ -267,145 +299,3 @@ class Pipeline:
         """Whether every stream's source has reached its end (only replayed files do)."""
         runtimes = self.streams()
         return bool(runtimes) and all(r.health.state == SourceState.ENDED for r in runtimes)
-
-    def _run(self) -> None:
-        stop_deadline: float | None = None
-        while True:
-            self.heartbeat = time.monotonic()
-            if stop_deadline is None and self._stopping.is_set():
-                stop_deadline = time.monotonic() + STOP_DRAIN_S
-            if stop_deadline is not None and time.monotonic() > stop_deadline:
-                break
-            try:
-                item = self._queue.get(timeout=0.1 if stop_deadline else 0.25)
-            except queue.Empty:
-                if stop_deadline is not None:
-                    break
-                continue
-            self._handle(item)
-            # Score once every stream has about a window waiting (or nothing else is queued): batches
-            # span the streams, and no stream's audio runs more than a block ahead of its scores.
-            if self._queue.empty() or len(self._pending_tiles) >= min(self._max_batch(), len(self._runtimes)):
-                self._score_pending()
-        self._discard_queued()
-        self._score_pending()
-        for runtime in self._runtimes.values():
-            self._emit(runtime.finish(reason="shutdown"))
-
-    def _discard_queued(self) -> None:
-        """At the stop deadline: audio still queued is given up (counted), never scored later."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if isinstance(item, AudioBlock):
-                self.blocks_discarded += 1
-            elif isinstance(item, _Swap):
-                item.done.set()
-
-    def _max_batch(self) -> int:
-        return self.config.inference.max_batch if self.config else 64
-
-    def _handle(self, item: SourceMessage | _Swap | _Restate) -> None:
-        if isinstance(item, _Restate):
-            self._restate(self._runtimes.values())
-            item.done.set()
-            return
-        if isinstance(item, _Swap):
-            self._score_pending()
-            for name in item.remove:
-                runtime = self._runtimes.pop(name, None)
-                if runtime is not None:
-                    self._emit(runtime.finish(reason="reconfigured"))
-                if name not in {r.name for r in item.add}:
-                    self.tap.end(name, "a reload removed the stream")
-            for runtime in item.add:
-                self._runtimes[runtime.name] = runtime
-            self._restate(self._runtimes.values())
-            item.done.set()
-            return
-        runtime = self._runtimes.get(item.stream)
-        if runtime is None:
-            return  # audio still queued for a stream that was just removed
-        if isinstance(item, AudioBlock):
-            out = runtime.feed(item)
-            if out.audio is not None and len(out.audio) and self.tap.wants(item.stream):
-                self.tap.audio(item.stream, out.audio, item.rate, runtime.model.rate)
-            self._hold(runtime, out)
-            self._emit(out)
-        elif isinstance(item, SourceNotice):
-            if item.state != SourceState.OK:
-                self._hold(runtime, runtime.drain())
-                self._score_pending()
-            self._emit(runtime.notice(item))
-            if self.tap.wants(item.stream):
-                self.tap.notice(item.stream, item.state, item.detail)
-
-    def _restate(self, runtimes: Iterable[StreamRuntime]) -> None:
-        """Every stream's alarm state and known source health, again: subscribers that missed a change
-        (a crash, a retained message cleared, a reload) see the truth, never a stale `ON` or `unknown`."""
-        now = utc_now()
-        for runtime in runtimes:
-            self._sink.put(AlarmState(runtime.name, runtime.event_open, now))
-            if runtime.health.state is not None:
-                self._sink.put(SourceStatus(runtime.node, runtime.name, runtime.health.state,
-                                            runtime.health.detail, now))  # fmt: skip
-
-    def _hold(self, runtime: StreamRuntime, step: Step | Output) -> None:
-        """Queue a stream's new tiles and windows for the next batch."""
-        self._pending_tiles += [(runtime, t) for t in step.tiles]
-        self._pending += [(runtime, w) for w in step.windows]
-        step.tiles, step.windows = [], []
-
-    def _score_pending(self) -> None:
-        """Reconstruct all pending tiles (one ONNX Runtime call per model per batch), then score all pending
-        windows (one vectorised step per model)."""
-        tiles, self._pending_tiles = self._pending_tiles, []
-        pending, self._pending = self._pending, []
-        tiles_by_model: dict[int, list[tuple[StreamRuntime, Tile]]] = defaultdict(list)
-        for runtime, tile in tiles:
-            tiles_by_model[id(runtime.model)].append((runtime, tile))
-        for held in tiles_by_model.values():
-            model = held[0][0].model
-            stores = [(r.tiles, t) for r, t in held]
-            reconstruct_into(model.autoencoder, model.bundle.meta.window, stores, self._max_batch())
-        by_model: dict[int, list[tuple[StreamRuntime, Window]]] = defaultdict(list)
-        for runtime, window in pending:
-            by_model[id(runtime.model)].append((runtime, window))
-        for items in by_model.values():
-            meta = items[0][0].model.bundle.meta
-            scores = score_windows(meta.window, meta.residual, [(r.tiles, w) for r, w in items])
-            for (runtime, window), score in zip(items, scores, strict=True):
-                self._emit(runtime.scored(window, float(score)))
-            self.windows_scored += len(items)
-        self._report_scores({runtime.name: runtime for runtime, _ in pending})
-
-    def _report_scores(self, runtimes: dict[str, StreamRuntime]) -> None:
-        """The latest score of each stream, every score_interval seconds (for dashboards)."""
-        if self._score_interval is None:
-            return
-        now = time.monotonic()
-        for name, runtime in runtimes.items():
-            if now >= self._next_report.get(name, 0.0) and not np.isnan(runtime.last_score):
-                self._next_report[name] = now + self._score_interval
-                at = utc_now()
-                lag = runtime.lag_seconds(at)
-                self._sink.put(ScoreReport(name, runtime.last_score, runtime.threshold, at, lag or 0.0))
-
-    def _emit(self, out: Output) -> None:
-        for event in out.events:
-            if event.type == "start":
-                self.events_started[event.stream] += 1
-            log = logger.warning if event.type == "start" else logger.info
-            log(
-                "stream %s: anomaly %s %s at %s (score %.4f, peak %.4f, threshold %.4f)",
-                event.stream, event.type, event.event_id[:8],
-                (event.ended_at or event.started_at).isoformat(timespec="milliseconds"),
-                event.score, event.peak_score, event.threshold,
-            )  # fmt: skip
-            self._sink.put(event)
-        for status in out.statuses:
-            self._sink.put(status)
-        for clip in out.clips:
-            self._sink.put(clip)

@@ -150,11 +150,7 @@ class StreamRuntime:
 
     def feed(self, block: AudioBlock) -> Output:
         out = Output()
-        samples, invalid = sanitise(block.samples)
-        self.samples_invalid += invalid
-        change = self.health.observe(samples, block.rate, invalid)
-        if change:
-            out.statuses.append(self._status(*change))
+        samples = self._observe(block, out)
         if self._resampler is None or self._resampler.in_rate != block.rate:
             self._resampler = Resampler(block.rate, self.model.rate)
         samples = self._resampler(samples)
@@ -169,6 +165,23 @@ class StreamRuntime:
         if self.clips is not None:
             self._add_clip(out, self.clips.push(first, samples))
         return out
+
+    def _observe(self, block: AudioBlock, out: Output) -> npt.NDArray[np.float32]:
+        """The block's samples made safe, health judged a second at a time (merged blocks can be long)."""
+        pieces = []
+        at = 0
+        while at < len(block.samples):
+            piece = block.samples[at : at + self.health.samples_to_second(block.rate)]
+            at += len(piece)
+            clean, invalid = sanitise(piece)
+            self.samples_invalid += invalid
+            change = self.health.observe(clean, block.rate, invalid)
+            if change:
+                out.statuses.append(self._status(*change))
+            pieces.append(clean)
+        if len(pieces) == 1:
+            return pieces[0]
+        return np.concatenate(pieces) if pieces else block.samples
 
     def drain(self) -> Step:
         """Tiles and windows still held by the resampler, at the end of a source's audio."""

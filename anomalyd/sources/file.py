@@ -18,6 +18,10 @@ from anomalyd.sources.base import AudioBlock, Backoff, Sink, SourceNotice
 
 logger = logging.getLogger(__name__)
 
+# Taken as fast as the pipeline takes it, a file is read at least this much at a time: fewer steps per
+# second of audio, and the worker merges a stream's waiting blocks anyway.
+FAST_BLOCK_SECONDS = 0.5
+
 
 class FileReplay:
     def __init__(self, stream: str, config: FileSource, health: HealthConfig, sink: Sink) -> None:
@@ -63,7 +67,9 @@ class FileReplay:
         passes = 0
         with sf.SoundFile(path) as f:
             rate = f.samplerate
-            block = max(1, int(self.config.block_seconds * rate))
+            seconds = self.config.block_seconds
+            seconds = seconds if self.config.realtime else max(seconds, FAST_BLOCK_SECONDS)
+            block = max(1, int(seconds * rate))
             started = time.monotonic()
             for data in f.blocks(blocksize=block, dtype="float32", always_2d=True):
                 if self._stop.is_set():

@@ -1,0 +1,140 @@
+"""The worker's inbox: what sources hand over, taken by the worker all at once.
+
+Capture callbacks never wait: with `max_blocks` audio blocks waiting, a block is dropped (and counted by
+the caller). A replayed file's reader waits, but on its own stream's backlog (`stream_blocks`) as well as
+the whole inbox's: the worker takes everything at once and then wakes each waiting reader once. (One
+shared bounded queue woke one reader per block taken; hundreds of readers handing the interpreter to one
+another for every 0.1 s of audio cost more than the audio.) Source notices and control items are never
+refused: they are few, and losing one would leave a stream's state untrue.
+
+`coalesce` then merges each stream's consecutive blocks, so that a backlog costs one step per stream and
+not one per block.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
+
+Control = TypeVar("Control")
+
+MAX_MERGED_BLOCKS = 64  # blocks of one stream merged into one step at most (6.4 s of 0.1 s blocks)
+
+
+class Inbox(Generic[Control]):
+    def __init__(self, max_blocks: int, stream_blocks: int) -> None:
+        self.max_blocks = max_blocks
+        self.stream_blocks = stream_blocks
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)  # the worker waits here for anything
+        self._room = threading.Condition(self._lock)  # readers wait here for room
+        self._items: list[SourceMessage | Control] = []
+        self._blocks = 0
+        self._per_stream: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def put_nowait(self, message: SourceMessage) -> bool:
+        """Never waits; False (the block is not kept) when `max_blocks` audio blocks are waiting."""
+        with self._lock:
+            if isinstance(message, AudioBlock):
+                if self._blocks >= self.max_blocks:
+                    return False
+                self._count(message)
+            self._items.append(message)
+            self._ready.notify()
+            return True
+
+    def put(self, message: SourceMessage, stopping: threading.Event) -> bool:
+        """Waits while the stream has `stream_blocks` (or the inbox `max_blocks`) blocks waiting; False if
+        `stopping` was set first."""
+        with self._lock:
+            if isinstance(message, AudioBlock):
+                while not self._room_for(message):
+                    if stopping.is_set():
+                        return False
+                    self._room.wait(0.2)
+                self._count(message)
+            self._items.append(message)
+            self._ready.notify()
+            return True
+
+    def put_control(self, item: Control) -> None:
+        with self._lock:
+            self._items.append(item)
+            self._ready.notify()
+
+    def take(self, timeout: float) -> list[SourceMessage | Control]:
+        """Everything waiting, oldest first, once there is something or `timeout` has passed ([])."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while not self._items:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                self._ready.wait(left)
+            items, self._items = self._items, []
+            self._blocks = 0
+            self._per_stream.clear()
+            self._room.notify_all()
+            return items
+
+    def take_merged(self, timeout: float) -> list[Merged | SourceNotice | Control]:
+        """`take`, each stream's consecutive blocks merged (`coalesce`)."""
+        return coalesce(self.take(timeout))
+
+    def _room_for(self, block: AudioBlock) -> bool:
+        return self._per_stream[block.stream] < self.stream_blocks and self._blocks < self.max_blocks
+
+    def _count(self, block: AudioBlock) -> None:
+        self._blocks += 1
+        self._per_stream[block.stream] += 1
+
+
+@dataclass(frozen=True)
+class Merged:
+    """Consecutive audio blocks of one stream at one rate, as one."""
+
+    block: AudioBlock
+    blocks: int  # how many were merged
+
+
+def coalesce(items: list[SourceMessage | Control]) -> list[Merged | SourceNotice | Control]:
+    """Each stream's consecutive audio blocks (at one rate, at most MAX_MERGED_BLOCKS) merged into one, at
+    the place of the first. What a stream's blocks are merged across is only other streams' audio: a
+    stream's notice, or any control item, ends every merge that it follows."""
+    runs: list[list[AudioBlock] | SourceNotice | Control] = []
+    open_runs: dict[str, list[AudioBlock]] = {}
+    for item in items:
+        if isinstance(item, AudioBlock):
+            run = open_runs.get(item.stream)
+            if run is not None and run[0].rate == item.rate and len(run) < MAX_MERGED_BLOCKS:
+                run.append(item)
+                continue
+            open_runs[item.stream] = [item]
+            runs.append(open_runs[item.stream])
+        elif isinstance(item, SourceNotice):
+            open_runs.pop(item.stream, None)
+            runs.append(item)
+        else:
+            open_runs.clear()
+            runs.append(item)
+    return [_merge(run) if isinstance(run, list) else run for run in runs]
+
+
+def _merge(run: list[AudioBlock]) -> Merged:
+    first = run[0]
+    if len(run) == 1:
+        return Merged(first, 1)
+    samples = np.concatenate([b.samples for b in run])
+    # The first block's arrival: a window the merge completes is timed from the earliest audio in it.
+    return Merged(AudioBlock(first.stream, samples, first.rate, first.received), len(run))

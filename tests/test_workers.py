@@ -1,0 +1,110 @@
+"""More than one worker: streams shared out, the same events as one worker, reloads and stops intact."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from anomalyd.config import load_config
+from anomalyd.pipeline import STREAMS_PER_WORKER, Pipeline, worker_count
+from anomalyd.records import SourceState
+from anomalyd.store import StoreWriter, read_events
+from tests.daemon_helpers import write_config, write_recording
+
+
+def test_worker_count_is_the_setting_or_one_per_share_of_streams_within_the_cores() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert worker_count(3, 1) == 3
+    assert worker_count(0, 1) == 1
+    assert worker_count(0, STREAMS_PER_WORKER) == 1
+    assert worker_count(0, STREAMS_PER_WORKER + 1) == min(2, cores)
+    assert worker_count(0, 1000 * STREAMS_PER_WORKER) == cores
+
+
+def _events(folder: Path, bundle: Path, recordings: dict[str, Path], workers: int) -> set[tuple[object, ...]]:
+    """Replay every recording as fast as it goes through a pipeline of `workers` workers; its events."""
+    streams: dict[str, dict[str, object]] = {
+        name: {"path": str(path), "realtime": False, "loop": False} for name, path in recordings.items()
+    }
+    config = load_config(
+        write_config(folder / "d.toml", bundle, streams, f"[inference]\nworkers = {workers}\n")
+    )
+    store = StoreWriter(config.storage)
+    store.start()
+    pipeline = Pipeline(store)
+    pipeline.start(config)
+    try:
+        assert pipeline.workers == workers
+        deadline = time.monotonic() + 120
+        while not pipeline.all_ended():
+            assert time.monotonic() < deadline, "replays did not end"
+            time.sleep(0.05)
+        assert all(r.health.state == SourceState.ENDED for r in pipeline.streams())
+        assert pipeline.windows_scored == sum(r.windows_scored for r in pipeline.streams()) > 0
+        assert len(pipeline.latency) == pipeline.windows_scored
+    finally:
+        assert pipeline.stop(5.0)
+        store.stop(5.0)
+    return {
+        (e["stream"], e["windows"], e["windows_over"], round(e["peak_score"], 2), e["state"], e["end_reason"])
+        for e in read_events(folder / "events.db")
+    }
+
+
+@pytest.mark.slow
+def test_three_workers_raise_exactly_the_events_one_worker_raises(bundle_dir: Path, tmp_path: Path) -> None:
+    recordings = {
+        f"{kind}-{i}": write_recording(tmp_path / f"{kind}-{i}.wav", kind, 12.0, 4.0, 9.0, index=i)
+        for kind in ("bearing", "imbalance")
+        for i in range(3)
+    }
+    recordings |= {
+        f"normal-{i}": write_recording(tmp_path / f"normal-{i}.wav", "normal", 12.0) for i in range(2)
+    }
+    (tmp_path / "one").mkdir()
+    (tmp_path / "three").mkdir()
+    one = _events(tmp_path / "one", bundle_dir, recordings, workers=1)
+    three = _events(tmp_path / "three", bundle_dir, recordings, workers=3)
+    assert three == one
+    faulty = {stream for stream, *_ in one}
+    assert faulty == {name for name in recordings if not name.startswith("normal")}
+
+
+@pytest.mark.slow
+def test_a_reload_on_several_workers_adds_restarts_and_removes_streams(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    normal = write_recording(tmp_path / "normal.wav", "normal", 30.0)
+    streams: dict[str, dict[str, object]] = {
+        f"s{i}": {"path": str(normal), "realtime": True, "loop": True} for i in range(4)
+    }
+    path = write_config(tmp_path / "d.toml", bundle_dir, streams, "[inference]\nworkers = 2\n")
+    config = load_config(path)
+    store = StoreWriter(config.storage)
+    store.start()
+    pipeline = Pipeline(store)
+    pipeline.start(config)
+    try:
+        assert pipeline.wait_stated(10.0)
+        streams.pop("s0")
+        streams["s1"]["k"] = 6.0  # restarted
+        streams["s9"] = {"path": str(normal), "realtime": True, "loop": True}  # added
+        changes = pipeline.reload(
+            load_config(write_config(path, bundle_dir, streams, "[inference]\nworkers = 2\n"))
+        )
+        assert sorted(changes) == ["added s9", "restarted s1", "stopped s0"]
+        runtimes = {r.name: r for r in pipeline.streams()}
+        assert sorted(runtimes) == ["s1", "s2", "s3", "s9"]
+        assert runtimes["s1"].k == 6.0
+        deadline = time.monotonic() + 20
+        while not all(r.windows_scored > 2 for r in runtimes.values()):
+            assert time.monotonic() < deadline, {n: r.windows_scored for n, r in runtimes.items()}
+            time.sleep(0.1)
+        assert pipeline.describe("s0") is None
+        assert pipeline.describe("s9") is not None
+    finally:
+        assert pipeline.stop(5.0)
+        store.stop(5.0)
