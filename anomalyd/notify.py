@@ -20,8 +20,13 @@ class Notifier:
             address = "\0" + address[1:]
         self._address = address
         self._socket: socket.socket | None = None
+        self._failures = 0
         if address:
-            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Never blocking: a listener that stops reading must not stall the main loop (and with it the
+            # watchdog and a stop); a message it cannot take is lost and logged.
+            self._socket = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         owned = not pid or pid == str(os.getpid())
@@ -37,7 +42,11 @@ class Notifier:
         try:
             self._socket.sendto("\n".join(fields).encode(), self._address)
         except OSError as exc:
-            logger.warning("sd_notify to %s failed: %s", self._address.lstrip("\0"), exc)
+            self._failures += 1
+            if self._failures in (1, 10, 100) or self._failures % 1000 == 0:
+                logger.warning(
+                    "sd_notify to %s failed (%d time(s)): %s", self._address.lstrip("\0"), self._failures, exc
+                )
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}")

@@ -75,3 +75,35 @@ def test_a_broker_outage_longer_than_the_back_off_keeps_the_watchdog_fed(
     print(
         f"delivery resumed {resumed:.2f} s after the broker returned; longest watchdog gap {max(gaps):.2f} s"
     )
+
+
+def test_a_notification_listener_that_stops_reading_never_stalls_the_daemon(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """A datagram socket's queue holds a few messages; were the daemon's sends blocking, a listener that
+    stops reading would freeze its main loop: no watchdog ping, no STATUS, no stop on SIGTERM."""
+    recording = write_recording(tmp_path / "fan.wav", "normal", 30.0)
+    config = write_config(
+        tmp_path / "d.toml", bundle_dir, {"fan": {"path": recording, "realtime": True, "loop": True}}
+    )
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "200000"}  # a ping per 0.1 s
+    with DaemonProcess(config, env) as daemon:
+        assert any(line == "READY=1" for _, line in _drain_until(notify, "READY=1"))
+        # Never read again: the queue is full within a second, and every later message is refused.
+        daemon.wait_log("sd_notify to", timeout=20.0)
+        started = time.monotonic()
+        daemon.stop(timeout=10.0)
+        assert time.monotonic() - started < 6.0
+        assert "failed (1 time(s))" in daemon.log
+    notify.close()
+
+
+def _drain_until(sock: socket.socket, line: str, timeout: float = 30.0) -> list[tuple[float, str]]:
+    got: list[tuple[float, str]] = []
+    deadline = time.monotonic() + timeout
+    while not any(text == line for _, text in got):
+        assert time.monotonic() < deadline, got
+        got += _drain(sock, 0.2)
+    return got
