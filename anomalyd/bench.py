@@ -27,12 +27,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from anomalyd.bench_limits import limits
-from anomalyd.bench_pipeline import lag_under_overload, latency, stop_under_load, throughput
+from anomalyd.bench_pipeline import Throughput, lag_under_overload, latency, stop_under_load, throughput
 from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.scoring import ClipScorer
@@ -40,14 +41,16 @@ from anomalyd.scoring import ClipScorer
 # A fresh process scoring one clip: the runtime's peak memory, and whether anything the daemon imports
 # pulls in torch (it must run without it).
 _CLIP_PROBE = """
-import resource, sys
+import sys
 import anomalyd.service
 from anomalyd.bundle import load_bundle
 from anomalyd.scoring import ClipScorer
 import numpy as np
 scorer = ClipScorer.from_bundle(load_bundle(sys.argv[1]))
 scorer.score_samples(np.zeros(16000 * 10, dtype=np.float32) + 1e-3)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 'torch' in sys.modules)
+# VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork and exec.
+peak = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))
+print(peak / 1024, 'torch' in sys.modules)
 """
 
 WEB_STREAMS = 16  # the dashboard's cost (and the daemon's memory) is measured with this many streams
@@ -75,53 +78,103 @@ def _textbook(bundle: Path) -> float | None:
     return cpu_seconds_per_window(bundle)
 
 
+@dataclass(frozen=True)
+class ModelFigures:
+    """What one bundle costs: its parts alone, the whole pipeline's sweep, and window latency."""
+
+    label: str
+    feature_s: float  # log-mel CPU seconds per second of audio
+    single_s: float  # one model input, batch 1
+    batch_s: float  # per model input in batches of 64
+    inputs_per_audio_s: float
+    sweep: list[Throughput]
+    latency: tuple[float, float, int]  # p50 ms, p99 ms, windows; independent microphones
+    latency_aligned: tuple[float, float, int]  # the same, file replays started together
+
+    @property
+    def parts_streams_per_core(self) -> float:
+        return 1 / (self.feature_s + self.inputs_per_audio_s * self.batch_s)
+
+    @property
+    def headline(self) -> Throughput:
+        return next(t for t in self.sweep if t.streams == HEADLINE)
+
+    def rows(self) -> list[tuple[str, str]]:
+        p50, p99, n = self.latency
+        a50, a99, an = self.latency_aligned
+        return [
+            ("log-mel, per second of audio", f"{self.feature_s * 1e3:.3f} ms"),
+            ("inference, 1 model input (batch 1)", f"{self.single_s * 1e3:.3f} ms"),
+            ("inference, per model input in batches of 64", f"{self.batch_s * 1e3:.3f} ms"),
+            ("model inputs per second of audio per stream", f"{self.inputs_per_audio_s:.2f}"),
+            ("parts alone (log-mel + model): streams per core", f"{self.parts_streams_per_core:.0f}"),
+            *[(f"pipeline, {t.streams} fast replays: real-time streams per core (audio s per CPU-s)",
+               f"{t.audio_per_cpu_second:.0f} ({t.audio_per_second:.0f} audio s/s)") for t in self.sweep],
+            (f"window latency, {LATENCY_STREAMS} real-time microphones: p50 / p99",
+             f"{p50:.1f} / {p99:.1f} ms ({n} windows)"),
+            (f"  the same, {LATENCY_STREAMS} file replays started together",
+             f"{a50:.1f} / {a99:.1f} ms ({an} windows)"),
+        ]  # fmt: skip
+
+
+def model_figures(path: Path, seconds: float) -> ModelFigures:
+    bundle = load_bundle(path)
+    scorer = ClipScorer.from_bundle(bundle, threads=1)
+    p, g = bundle.meta.features, bundle.meta.window
+    rng = np.random.default_rng(0)
+    audio = (0.1 * rng.standard_normal(int(seconds * p.sample_rate))).astype(np.float32)
+    tiles = rng.standard_normal((64, p.n_mels, g.model_frames)).astype(np.float32)
+    inputs = f"{g.model_frames}-frame {'tiles' if g.tile_frames else 'whole windows'}"
+    return ModelFigures(
+        label=f"{bundle.meta.model_id} ({inputs}, channels {bundle.meta.architecture.get('channels')})",
+        feature_s=best_of(lambda: scorer.logmel(audio)) / seconds,
+        single_s=best_of(lambda: scorer.autoencoder.reconstruct(tiles[:1]), 20),
+        batch_s=best_of(lambda: scorer.autoencoder.reconstruct(tiles)) / len(tiles),
+        inputs_per_audio_s=p.sample_rate / (g.tile_hop * p.hop_length),
+        sweep=[throughput(path, n) for n in SWEEP],
+        latency=latency(path, LATENCY_STREAMS),
+        latency_aligned=latency(path, LATENCY_STREAMS, microphones=False),
+    )
+
+
+def _print(title: str, rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(title)
+    print(f"{'measure':<{width}}  value")
+    print(f"{'-' * width}  ----------")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anomalyd.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--bundle", type=Path, required=True, help="the model the headline figures are for")
+    parser.add_argument(
+        "--also", type=Path, action="append", default=[], metavar="BUNDLE",
+        help="another model to measure side by side (its parts, the sweep and latency)",
+    )  # fmt: skip
     parser.add_argument("--seconds", type=float, default=60.0, help="audio for the per-part timings")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the figures as JSON to OUT")
     args = parser.parse_args(argv)
 
     bundle = load_bundle(args.bundle)
-    scorer = ClipScorer.from_bundle(bundle, threads=1)
-    p, g = bundle.meta.features, bundle.meta.window
-    rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal(int(args.seconds * p.sample_rate))).astype(np.float32)
-
-    feature_s = best_of(lambda: scorer.logmel(audio)) / args.seconds  # per second of audio
-    tiles = rng.standard_normal((64, p.n_mels, g.model_frames)).astype(np.float32)
-    single_s = best_of(lambda: scorer.autoencoder.reconstruct(tiles[:1]), 20)
-    batch_s = best_of(lambda: scorer.autoencoder.reconstruct(tiles)) / len(tiles)
-    tiles_per_audio_s = p.sample_rate / (g.tile_hop * p.hop_length)
-    per_stream_s = feature_s + tiles_per_audio_s * batch_s  # CPU seconds per second of one stream
-
+    main_model = model_figures(args.bundle, args.seconds)
+    others = [model_figures(path, args.seconds) for path in args.also]
     probe = subprocess.run(
         [sys.executable, "-c", _CLIP_PROBE, str(args.bundle)], capture_output=True, text=True, check=True
     )
     clip_rss_mb, torch_loaded = probe.stdout.split()
-    sweep = [throughput(args.bundle, n) for n in SWEEP]
-    headline = next(t for t in sweep if t.streams == HEADLINE)
-    p50_ms, p99_ms, measured = latency(args.bundle, LATENCY_STREAMS)
     limit = limits(bundle)
     textbook_s = _textbook(args.bundle)  # loads torch and librosa: after every figure of this process
     naive = 1 / (textbook_s * limit.windows_per_audio_second) if textbook_s else None
     stop_s, discarded = stop_under_load(args.bundle)
-    overload = int(1.5 * headline.audio_per_cpu_second * 1.8)  # more than the box's two cores can carry
+    per_core = main_model.headline.audio_per_cpu_second
+    overload = int(1.5 * per_core * 1.8)  # more than the box's two cores can carry
     max_lag, lagging = lag_under_overload(args.bundle, overload)
     web_off, web_on = web_cost(args.bundle, WEB_STREAMS)
-    per_core = headline.audio_per_cpu_second
 
-    arch = f"{g.model_frames}-frame model inputs ({'tiles' if g.tile_frames else 'whole windows'})"
     rows = [
-        ("log-mel, per second of audio", f"{feature_s * 1e3:.3f} ms"),
-        (f"inference, 1 model input of {g.model_frames} frames (batch 1)", f"{single_s * 1e3:.3f} ms"),
-        ("inference, per model input in batches of 64", f"{batch_s * 1e3:.3f} ms"),
-        ("model inputs per second of audio per stream", f"{tiles_per_audio_s:.2f}"),
-        ("parts alone (log-mel + model): streams per core", f"{1 / per_stream_s:.0f}"),
-        *[(f"pipeline, {t.streams} fast replays: real-time streams per core (audio s per CPU-s)",
-           f"{t.audio_per_cpu_second:.0f} ({t.audio_per_second:.0f} audio s/s)") for t in sweep],
-        (f"window latency, {LATENCY_STREAMS} real-time streams: p50 / p99",
-         f"{p50_ms:.1f} / {p99_ms:.1f} ms ({measured} windows)"),
+        *main_model.rows(),
         ("textbook (librosa + torch per window, batch 1): per window",
          f"{textbook_s * 1e3:.3f} ms" if textbook_s else "- (needs the train extra)"),
         ("textbook: real-time streams per core", f"{naive:.0f}" if naive else "-"),
@@ -146,9 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json is not None:
         figures = {
             "model_id": bundle.meta.model_id,
-            "model_frames": g.model_frames,
+            "model_frames": bundle.meta.window.model_frames,
             "streams_per_core": per_core,
-            "streams_per_core_by_streams": {str(t.streams): t.audio_per_cpu_second for t in sweep},
+            "streams_per_core_by_streams": {str(t.streams): t.audio_per_cpu_second for t in main_model.sweep},
             "speedup_vs_naive": per_core / naive if naive else None,
             "naive_streams_per_core": naive,
             "limit_streams_per_core": limit.frame_once,
@@ -156,19 +209,27 @@ def main(argv: list[str] | None = None) -> int:
             "limit_fraction": per_core / limit.frame_once,
             "flops_per_window": limit.flops_per_window,
             "matmul_peak_gflops": limit.peak_gflops,
-            "p50_latency_ms_at_128": p50_ms,
-            "p99_latency_ms_at_128": p99_ms,
+            "p50_latency_ms_at_128": main_model.latency[0],
+            "p99_latency_ms_at_128": main_model.latency[1],
             "rss_mb_16_streams": web_off.rss_mb,
             "web_rss_mb": web_on.rss_mb - web_off.rss_mb,
             "startup_s": web_off.ready_s,
+            "also": {
+                m.label: {
+                    "streams_per_core": m.headline.audio_per_cpu_second,
+                    "streams_per_core_by_streams": {str(t.streams): t.audio_per_cpu_second for t in m.sweep},
+                    "limit_fraction": m.headline.audio_per_cpu_second / limit.frame_once,
+                    "p50_latency_ms_at_128": m.latency[0],
+                    "p99_latency_ms_at_128": m.latency[1],
+                }
+                for m in others
+            },
         }
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    width = max(len(name) for name, _ in rows)
-    print(f"model {bundle.meta.model_id}: {arch}; 1 thread")
-    print(f"{'measure':<{width}}  value")
-    print(f"{'-' * width}  ----------")
-    for name, value in rows:
-        print(f"{name:<{width}}  {value}")
+    _print(f"model {main_model.label}; 1 thread per worker", rows)
+    for other in others:
+        print()
+        _print(f"model {other.label}", other.rows())
     return 0
 
 

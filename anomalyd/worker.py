@@ -45,6 +45,10 @@ logger = logging.getLogger(__name__)
 QUEUE_BLOCKS = 2000  # audio blocks waiting for a worker (200 s of one stream at 0.1 s blocks)
 STREAM_BLOCKS = 4  # a replayed file's blocks waiting for the worker: its reader stays this far ahead
 STOP_DRAIN_S = 0.5  # at shutdown, queued audio is still processed for at most this long
+# A window waits at most about this long, while the rest of a take is processed, for its batch to be
+# scored: batches stay large when audio comes in backlogs, and a score follows its audio within
+# milliseconds when it comes in real time.
+SCORE_WITHIN_S = 0.002
 
 
 class EventSink(Protocol):
@@ -97,6 +101,7 @@ class Worker:
         self._pending_tiles: list[tuple[StreamRuntime, Tile]] = []
         # Windows to score once their tiles are, with when the audio that completed them arrived.
         self._pending: list[tuple[StreamRuntime, Window, float]] = []
+        self._pending_since = 0.0  # when the oldest pending window was completed
         self.heartbeat = time.monotonic()
         self.windows_scored = 0
         self.blocks_discarded = 0  # queued audio given up at shutdown
@@ -137,7 +142,9 @@ class Worker:
                     break
                 self.heartbeat = time.monotonic()
                 self._handle(item)
-                if len(self._pending_tiles) >= self._max_batch():
+                if len(self._pending_tiles) >= self._max_batch() or (
+                    self._pending and time.monotonic() - self._pending_since > SCORE_WITHIN_S
+                ):
                     self._score_pending()
             self._score_pending()
         self._discard(self.inbox.take_merged(0.0))
@@ -207,6 +214,8 @@ class Worker:
         """Queue a stream's new tiles and windows for the next batch; `received`: when the audio that
         completed them arrived."""
         self._pending_tiles += [(runtime, t) for t in step.tiles]
+        if step.windows and not self._pending:
+            self._pending_since = time.monotonic()
         self._pending += [(runtime, w, received) for w in step.windows]
         step.tiles, step.windows = [], []
 
