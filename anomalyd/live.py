@@ -30,6 +30,10 @@ from anomalyd.web.view import NodeState, RefusedError, StreamState
 MUTE_WAIT_S = 10.0  # how long a dashboard mute waits for the store's writer
 
 
+def _p50_p99(found: list[float] | None) -> tuple[float, float] | None:
+    return (found[0], found[1]) if found else None
+
+
 def watched_beats(
     main_beat: float, pipeline: Pipeline, store: StoreWriter, publisher: Publisher | None
 ) -> dict[str, float]:
@@ -112,6 +116,8 @@ class LiveView:
             store_write_failures=store.write_failures,
             blocks_dropped=pipeline.blocks_dropped,
             windows_scored=pipeline.windows_scored,
+            workers=pipeline.workers,
+            window_latency=_p50_p99(pipeline.latency.percentiles([50.0, 99.0])),
             events_version=store.events_version,
             stalled=tuple(stalled(self._beats(), time.monotonic(), self._stale)),
             stopping=self._stopping(),

@@ -98,6 +98,9 @@ def test_metrics_parse_and_tell_the_streams_state(
         == 1
     )
     assert metrics["anomalyd_healthy"][()] == 1
+    assert metrics["anomalyd_workers"][()] == 1
+    latency = metrics["anomalyd_window_latency_seconds"]
+    assert 0 < latency[(("quantile", "0.5"),)] <= latency[(("quantile", "0.99"),)] < 5.0
     assert metrics["anomalyd_store_degraded"][()] == 0
     assert metrics["anomalyd_build_info"]
     assert metrics["process_resident_memory_bytes"][()] > 10e6

@@ -36,6 +36,11 @@ METRICS = (
     ("anomalyd_stream_events_total", "anomaly events started since the daemon started"),
     ("anomalyd_windows_scored_total", "windows scored, all streams"),
     ("anomalyd_audio_blocks_dropped_total", "capture blocks lost because the worker could not keep up"),
+    ("anomalyd_workers", "worker threads scoring the streams"),
+    (
+        "anomalyd_window_latency_seconds",
+        "from a window's last audio arriving to its score, over the last 8192 windows, by quantile",
+    ),
     ("anomalyd_mqtt_connected", "1 while connected to the broker (absent without MQTT)"),
     ("anomalyd_outbox_backlog_messages", "MQTT messages not yet acknowledged by the broker"),
     ("anomalyd_store_degraded", "1 while the event log cannot be written (rows held in memory)"),
@@ -67,6 +72,7 @@ PER_STREAM: tuple[tuple[str, bool, Callable[[StreamState], float | None]], ...] 
 PER_NODE: tuple[tuple[str, bool, Callable[[NodeState], float | None]], ...] = (
     ("anomalyd_windows_scored_total", True, lambda n: n.windows_scored),
     ("anomalyd_audio_blocks_dropped_total", True, lambda n: n.blocks_dropped),
+    ("anomalyd_workers", False, lambda n: n.workers),
     ("anomalyd_mqtt_connected", False, lambda n: None if n.mqtt is None else float(n.mqtt == "connected")),
     ("anomalyd_store_degraded", False, lambda n: float(n.storage.state != "ok")),
     ("anomalyd_store_write_errors_total", True, lambda n: n.store_write_failures),
@@ -117,6 +123,15 @@ class DaemonCollector(Collector):
                 family = _family(name, counter)
                 family.add_metric([], value)
                 yield family
+        if state.window_latency is not None:
+            latency = GaugeMetricFamily(
+                "anomalyd_window_latency_seconds",
+                HELP["anomalyd_window_latency_seconds"],
+                labels=["quantile"],
+            )
+            for quantile, seconds in zip(("0.5", "0.99"), state.window_latency, strict=True):
+                latency.add_metric([quantile], seconds)
+            yield latency
         if state.mqtt is not None:
             backlog = _family("anomalyd_outbox_backlog_messages", False)
             backlog.add_metric([], self._view.outbox_backlog())

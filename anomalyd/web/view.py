@@ -49,6 +49,8 @@ class NodeState:
     store_write_failures: int
     blocks_dropped: int
     windows_scored: int
+    workers: int  # worker threads scoring the streams
+    window_latency: tuple[float, float] | None  # p50, p99 seconds over the recent windows; None before any
     events_version: int  # changes whenever what an events list shows changes
     stalled: tuple[str, ...]  # threads the watchdog would call stalled; empty when healthy
     stopping: bool
