@@ -15,7 +15,8 @@ import math
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -146,11 +147,16 @@ class Pipeline:
     def _max_batch(self) -> int:
         return self.config.inference.max_batch if self.config else 64
 
-    def _least_loaded(self, placement: dict[str, Worker]) -> Worker:
-        load = {id(w): 0 for w in self._workers}
-        for worker in placement.values():
-            load[id(worker)] += 1
-        return min(self._workers, key=lambda w: load[id(w)])
+    def _place(self, names: Iterable[str], kept: dict[str, Worker]) -> dict[str, Worker]:
+        """`kept`, plus each of `names` it lacks on the worker with the fewest streams at that point."""
+        placement = dict(kept)
+        load = Counter(id(w) for w in placement.values())
+        for name in names:
+            if name not in placement:
+                worker = min(self._workers, key=lambda w: load[id(w)])
+                placement[name] = worker
+                load[id(worker)] += 1
+        return placement
 
     def start(self, config: DaemonConfig) -> None:
         """Load all bundles (fatal if any is bad), then start the workers and every source."""
@@ -161,9 +167,7 @@ class Pipeline:
         threadpool_limits(limits=1, user_api="blas")
         self.config = config
         self._add_workers(config.inference.workers, len(config.streams))
-        placement: dict[str, Worker] = {}
-        for stream in config.streams:
-            placement[stream.name] = self._least_loaded(placement)
+        placement = self._place((s.name for s in config.streams), {})
         self._placement = placement
         for worker in self._workers:
             mine = [s for s in config.streams if placement[s.name] is worker]
@@ -212,9 +216,9 @@ class Pipeline:
             worker.start([])
         old_placement = self._placement
         # A restarted stream stays with its worker (so that the worker ends it before starting it anew).
-        placement = {n: w for n, w in self._placement.items() if n in unchanged or n in {r.name for r in add}}
-        for runtime in add:
-            placement.setdefault(runtime.name, self._least_loaded(placement))
+        added = {r.name for r in add}
+        kept = {n: w for n, w in self._placement.items() if n in unchanged or n in added}
+        placement = self._place([r.name for r in add], kept)
         self._placement = placement
         swaps = [
             worker.swap(
