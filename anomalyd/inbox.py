@@ -25,7 +25,9 @@ from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 
 Control = TypeVar("Control")
 
-MAX_MERGED_BLOCKS = 64  # blocks of one stream merged into one step at most (6.4 s of 0.1 s blocks)
+# A merged step holds at most this much audio (one longer block stays whole): a stream's clip keeps this
+# much audio beyond an event's lead-in, since an event can start that far back in the step that finds it.
+MAX_MERGED_SECONDS = 1.0
 
 
 class Inbox(Generic[Control]):
@@ -109,7 +111,7 @@ class Merged:
 
 
 def coalesce(items: list[SourceMessage | Control]) -> list[Merged | SourceNotice | Control]:
-    """Each stream's consecutive audio blocks (at one rate, at most MAX_MERGED_BLOCKS) merged into one, at
+    """Each stream's consecutive audio blocks (at one rate, at most MAX_MERGED_SECONDS) merged into one, at
     the place of the first. What a stream's blocks are merged across is only other streams' audio: a
     stream's notice, or any control item, ends every merge that it follows."""
     runs: list[list[AudioBlock] | SourceNotice | Control] = []
@@ -117,7 +119,7 @@ def coalesce(items: list[SourceMessage | Control]) -> list[Merged | SourceNotice
     for item in items:
         if isinstance(item, AudioBlock):
             run = open_runs.get(item.stream)
-            if run is not None and run[0].rate == item.rate and len(run) < MAX_MERGED_BLOCKS:
+            if run is not None and run[0].rate == item.rate and _fits(run, item):
                 run.append(item)
                 continue
             open_runs[item.stream] = [item]
@@ -129,6 +131,11 @@ def coalesce(items: list[SourceMessage | Control]) -> list[Merged | SourceNotice
             open_runs.clear()
             runs.append(item)
     return [_merge(run) if isinstance(run, list) else run for run in runs]
+
+
+def _fits(run: list[AudioBlock], block: AudioBlock) -> bool:
+    samples = sum(len(b.samples) for b in run) + len(block.samples)
+    return samples <= MAX_MERGED_SECONDS * block.rate
 
 
 def _merge(run: list[AudioBlock]) -> Merged:

@@ -22,6 +22,7 @@ from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
 from anomalyd.features import LogMel
 from anomalyd.health import HealthMonitor, sanitise
+from anomalyd.inbox import MAX_MERGED_SECONDS
 from anomalyd.inference import Autoencoder, open_autoencoder
 from anomalyd.records import AnomalyEvent, ClipJob, SourceState, SourceStatus, utc_now
 from anomalyd.sources.base import AudioBlock, SourceNotice
@@ -99,9 +100,10 @@ class StreamRuntime:
         self.tiles = TileStore(meta.window)  # reconstructed tiles of the windows not yet scored
         self.health = HealthMonitor(health)
         # An event can start m windows and a window length before the window that opens it, which is
-        # scored at most a block after its audio arrived.
+        # scored at most one worker step (a block, or blocks merged up to MAX_MERGED_SECONDS) after its
+        # audio arrived.
         frames_back = detector.m * meta.window.hop_frames + meta.window.n_frames + 2
-        block = int(config.source.block_seconds * model.rate)
+        block = int(max(config.source.block_seconds, MAX_MERGED_SECONDS) * model.rate)
         lookback = frames_back * meta.features.hop_length + block
         self.clips = ClipRecorder(config.name, clips, model.rate, lookback) if clips.enabled else None
         hop_seconds = meta.window.hop_frames * meta.features.hop_length / model.rate

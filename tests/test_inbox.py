@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anomalyd.config import parse_config
-from anomalyd.inbox import MAX_MERGED_BLOCKS, Inbox, Merged, coalesce
+from anomalyd.inbox import MAX_MERGED_SECONDS, Inbox, Merged, coalesce
 from anomalyd.records import SourceState
 from anomalyd.sources.base import AudioBlock, SourceNotice
 from anomalyd.stream import Model, StreamRuntime
@@ -42,9 +42,10 @@ def test_each_streams_consecutive_blocks_merge_in_order_and_notices_and_controls
     assert first_b.block.received == 0.0  # timed from its earliest audio: latency is never understated
 
 
-def test_a_merge_holds_at_most_max_merged_blocks() -> None:
-    out = coalesce([block("a", i * 10, 10) for i in range(MAX_MERGED_BLOCKS + 3)])
-    assert [m.blocks for m in out if isinstance(m, Merged)] == [MAX_MERGED_BLOCKS, 3]
+def test_a_merge_holds_at_most_max_merged_seconds_and_a_longer_block_stays_whole() -> None:
+    per_merge = int(MAX_MERGED_SECONDS * RATE) // 1600
+    out = coalesce([block("a", i * 1600) for i in range(per_merge + 3)] + [block("a", 0, 3 * RATE)])
+    assert [m.blocks for m in out if isinstance(m, Merged)] == [per_merge, 3, 1]
 
 
 def test_capture_drops_audio_beyond_the_bound_but_never_a_notice_or_a_control() -> None:
