@@ -328,7 +328,12 @@ def check_kill_and_restart(
     back = ha.wait_for(up(daemon, lambda: all(available(ha, e) for e in expected)), 120, "entities back")
     print(f"restart: entities available {back:.1f} s after the daemon started")
     for entity_id in (PROBLEM, f"binary_sensor.{PREFIX}_{STEADY}_anomaly"):
-        first = next(c for c in recorder.of(entity_id, since=restarted) if c.state != "unavailable")
+        # The recorder hears of changes a moment after HA's state API shows them.
+        def seen(entity_id: str = entity_id) -> list[Any]:
+            return [c for c in recorder.of(entity_id, since=restarted) if c.state != "unavailable"]
+
+        ha.wait_for(lambda: bool(seen()), 10, f"{entity_id}'s first state after the restart recorded")
+        first = seen()[0]
         assert first.state == "off", (entity_id, first)
     assert ha.state(MUTE) == "off"
     assert float(ha.state(MUTE_MINUTES) or 0) == 15.0  # remembered across the restart
