@@ -67,9 +67,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy anomalyd training fixtures
 
-# Everything, the real Home Assistant included (the set-up of its environment is a minute once).
+# Everything, the real Home Assistant included (the set-up of its environment is a minute once). Two test
+# processes (pytest-xdist), each test file in one of them: most tests wait on real daemons, brokers and
+# browsers rather than compute. TEST_PROCESSES=0 runs them all in this one process.
+TEST_PROCESSES ?= 2
 test: lint typecheck $(HA_STAMP)
-	ANOMALYD_HA_VENV=$(abspath $(HA_VENV)) $(BIN)/python -m pytest -m 'homeassistant or not homeassistant'
+	ANOMALYD_HA_VENV=$(abspath $(HA_VENV)) $(BIN)/python -m pytest -m 'homeassistant or not homeassistant' \
+	    -n $(TEST_PROCESSES) --dist loadfile
 
 ha-setup: $(HA_STAMP)
 
