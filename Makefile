@@ -93,8 +93,8 @@ $(HA_STAMP): Makefile
 test-ha: $(STAMP) $(HA_STAMP)
 	ANOMALYD_HA_VENV=$(abspath $(HA_VENV)) $(BIN)/python -m pytest -m homeassistant -s tests/test_homeassistant_real.py
 
-# The benchmark's models have the default architecture: whole windows (the default) and 16-frame tiles
-# (tile_frames = 16, each frame reconstructed once). Weights do not change the speed, so a few epochs on
+# The benchmark's models have the default architecture: whole windows (the default), 16-frame tiles
+# (tile_frames = 16, each frame reconstructed once), and those tiles with an int8 model (precision = int8). Weights do not change the speed, so a few epochs on
 # synthetic audio make them (about 30 s). The table takes about 6 minutes on 2 cores.
 BENCH := bench-out
 bench: $(STAMP)
@@ -103,7 +103,10 @@ bench: $(STAMP)
 	    --name bench
 	$(BIN)/python -m training.train --normal $(BENCH)/train/normal --out $(BENCH)/tiles --epochs 3 -q \
 	    --tile-frames 16 --batch-size 128 --name bench-tiles
-	$(BIN)/python -m anomalyd.bench --bundle $(BENCH)/bundle --also $(BENCH)/tiles --json $(BENCH)/bench.json
+	$(BIN)/python -m training.train --normal $(BENCH)/train/normal --out $(BENCH)/tiles-int8 --epochs 3 -q \
+	    --tile-frames 16 --batch-size 128 --precision int8 --name bench-tiles-int8
+	$(BIN)/python -m anomalyd.bench --bundle $(BENCH)/bundle --also $(BENCH)/tiles --also $(BENCH)/tiles-int8 \
+	    --json $(BENCH)/bench.json
 
 clean:
 	rm -rf $(VENV) $(DEMO) $(BENCH) .mypy_cache .ruff_cache .pytest_cache

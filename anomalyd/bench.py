@@ -126,7 +126,8 @@ def model_figures(path: Path, seconds: float) -> ModelFigures:
     tiles = rng.standard_normal((64, p.n_mels, g.model_frames)).astype(np.float32)
     inputs = f"{g.model_frames}-frame {'tiles' if g.tile_frames else 'whole windows'}"
     return ModelFigures(
-        label=f"{bundle.meta.model_id} ({inputs}, channels {bundle.meta.architecture.get('channels')})",
+        label=f"{bundle.meta.model_id} ({inputs}, channels {bundle.meta.architecture.get('channels')}, "
+        f"{bundle.meta.export.get('precision', 'float32')})",
         feature_s=best_of(lambda: scorer.logmel(audio)) / seconds,
         single_s=best_of(lambda: scorer.autoencoder.reconstruct(tiles[:1]), 20),
         batch_s=best_of(lambda: scorer.autoencoder.reconstruct(tiles)) / len(tiles),

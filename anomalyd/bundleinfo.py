@@ -128,6 +128,8 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "calibration": calibration,
         "parent_model_id": parent if isinstance(parent, str) else None,
         "architecture": meta.architecture,
+        # Bundles before int8 models record no precision: they are all float32.
+        "precision": str(_dict(meta.export).get("precision", "float32")),
         "versions": meta.versions,
     }
 
@@ -162,6 +164,15 @@ def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
             f"median delay {a['median_delay_seconds']} s"
         )
     return lines
+
+
+def _model_line(arch: dict[str, Any], window: dict[str, Any]) -> str:
+    channels = arch.get("channels")
+    shape = (
+        f"channels {channels}, kernel {arch.get('kernel_size')}" if channels else str(arch.get("name", "?"))
+    )
+    frames, per_frame = window["model_frames"], window["reconstructions_per_frame"]
+    return f"{shape}, {frames}-frame inputs ({per_frame} reconstruction(s) per frame)"
 
 
 def format_info(info: dict[str, Any]) -> str:
@@ -201,6 +212,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"                window {th['window_value']:.5f} = {th['window_mean']:.5f} + {th['k']:g} x "
         f"{th['window_std']:.5f} ({th['n_windows']} validation windows; the daemon's rule)",
         *_calibration_lines(info["calibration"]),
+        f"model           {_model_line(info['architecture'], w)}, {info['precision']}",
         f"fine-tuned from {info['parent_model_id'] or '- (trained from scratch)'}",
         "versions        " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
     ]

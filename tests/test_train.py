@@ -190,6 +190,7 @@ def test_too_little_audio_is_a_clear_error(
         ("epochs = 'many'\n", "epochs = 'many' is not a valid int"),
         ("epochs = 2.5\n", "epochs = 2.5 is not a valid int"),
         ("n_frames = 60\n", "n_frames must be a positive multiple of 8"),
+        ("precision = 'int4'\n", "precision must be one of float32, int8, got 'int4'"),
         ("epochs = [\n", "cannot read training preset"),
     ],
 )

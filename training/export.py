@@ -49,10 +49,14 @@ from anomalyd.scoring import ClipScorer
 from anomalyd.windows import Normalisation, WindowGeometry
 from training.dataset import Clip
 from training.model import Architecture, ConvAutoencoder
+from training.quantise import export_int8
 
 logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |onnxruntime - torch| on the same windows
+# An int8 model is not the float one: its rms difference from torch's output, over the rms of that output,
+# must stay below this (measured: about 1 % on MIMII and synthetic audio); far above it, quantisation broke.
+INT8_TOLERANCE = 0.1
 ONNX_OPSET = 17
 # The file's IR version is set to the lowest one that can carry ONNX_OPSET (8 for opset 17), never the
 # newest the installed `onnx` knows: onnx 1.23 writes IR 14, which onnxruntime 1.31 cannot load (it reads up
@@ -75,6 +79,8 @@ class ExportInputs:
     parity_windows: npt.NDArray[np.float32]  # (n, n_mels, model_frames) normalised tiles
     k: float
     training: dict[str, Any]
+    precision: str = "float32"  # or "int8" (training/quantise.py)
+    calibration: npt.NDArray[np.float32] | None = None  # int8: normalised training inputs for the ranges
 
 
 def export_onnx(model: ConvAutoencoder, n_mels: int, n_frames: int, path: Path) -> None:
@@ -100,14 +106,33 @@ def export_onnx(model: ConvAutoencoder, n_mels: int, n_frames: int, path: Path) 
     onnx.save(graph, str(path))
 
 
+def _torch_output(model: ConvAutoencoder, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(windows))[:, None])[:, 0].numpy()
+    return np.asarray(out, dtype=np.float32)
+
+
 def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
     """Max abs difference between torch and ONNX Runtime reconstructions; raises above the tolerance."""
-    with torch.no_grad():
-        expected = model(torch.from_numpy(np.ascontiguousarray(windows))[:, None])[:, 0].numpy()
-    diff = float(np.max(np.abs(runtime.reconstruct(windows) - expected)))
+    diff = float(np.max(np.abs(runtime.reconstruct(windows) - _torch_output(model, windows))))
     if not diff <= PARITY_TOLERANCE:
         raise BundleError(f"ONNX export differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     return diff
+
+
+def check_int8(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
+    """The int8 model's rms difference from torch's reconstructions, relative to their rms; raises above
+    INT8_TOLERANCE."""
+    expected = _torch_output(model, windows)
+    error = float(np.sqrt(np.mean((runtime.reconstruct(windows) - expected) ** 2)))
+    relative = error / max(float(np.sqrt(np.mean(expected**2))), 1e-12)
+    if not relative <= INT8_TOLERANCE:
+        raise BundleError(
+            f"the int8 model differs from torch by {relative:.1%} rms (tolerance {INT8_TOLERANCE:.0%}); "
+            "export it with precision float32"
+        )
+    return round(relative, 5)
 
 
 def fit_residual(scorer: ClipScorer, train_clips: list[Clip], train_hop_frames: int) -> ResidualStats:
@@ -170,7 +195,12 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir()
 
-    export_onnx(inp.model, params.n_mels, inp.geometry.model_frames, built / MODEL_FILE)
+    if inp.precision == "int8":
+        if inp.calibration is None:
+            raise BundleError("an int8 export needs calibration inputs")
+        export_int8(inp.model, params.n_mels, inp.geometry.model_frames, inp.calibration, built / MODEL_FILE)
+    else:
+        export_onnx(inp.model, params.n_mels, inp.geometry.model_frames, built / MODEL_FILE)
     save_file(
         {k: v.contiguous() for k, v in inp.model.state_dict().items()},
         str(built / WEIGHTS_FILE),
@@ -179,7 +209,18 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     np.save(built / FILTERBANK_FILE, inp.logmel.filterbank, allow_pickle=False)
 
     runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.model_frames)
-    max_diff = check_parity(inp.model, runtime, inp.parity_windows)
+    if inp.precision == "int8":
+        assert inp.calibration is not None
+        fidelity = {
+            "precision": "int8",
+            "int8_relative_rms_error": check_int8(inp.model, runtime, inp.parity_windows),
+            "calibration_inputs": len(inp.calibration),
+        }
+    else:
+        fidelity = {
+            "precision": "float32",
+            "parity_max_abs_diff": check_parity(inp.model, runtime, inp.parity_windows),
+        }
     scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime)
     residual = fit_residual(scorer, inp.train_clips, inp.train_hop_frames)
     scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime, residual)
@@ -199,7 +240,7 @@ def export_bundle(inp: ExportInputs) -> Bundle:
         export={
             "onnx_opset": ONNX_OPSET,
             "onnx_ir_version": ONNX_IR_VERSION,
-            "parity_max_abs_diff": max_diff,
+            **fidelity,
             "parity_windows": len(inp.parity_windows),
         },
         versions=versions(),

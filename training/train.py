@@ -41,6 +41,7 @@ from training.dataset import Clip, Recording, fingerprint, load_recordings, make
 from training.export import ExportInputs, export_bundle
 from training.finetune import FINETUNE_DEFAULTS, adapt_config, load_parent
 from training.model import Architecture, ConvAutoencoder, active_code_share
+from training.quantise import PRECISIONS, calibration_indices
 from training.sources import audio_provenance, list_normal, report_flagged, report_lossy, report_unsupported
 
 logger = logging.getLogger("training.train")
@@ -68,6 +69,7 @@ class TrainConfig:
     # model (see training/model.py)
     channels: tuple[int, int, int] = (32, 64, 1)  # encoder channels per stride-2 stage; the last is the code
     kernel_size: int = 5  # convolution kernel size, odd
+    precision: str = "float32"  # the exported model's arithmetic: "float32", or "int8" (training/quantise.py)
     # optimisation
     epochs: int = 100  # most epochs to train; early stopping usually ends sooner
     patience: int = 10  # epochs without a better validation loss before stopping
@@ -112,6 +114,8 @@ class TrainConfig:
                 f"block_seconds must hold a window ({window:.2f} s) and be at most 3600, "
                 f"got {self.block_seconds}"
             )
+        if self.precision not in PRECISIONS:
+            found.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.learning_rate <= 0 or self.k <= 0:
             found.append(f"learning_rate and k must be positive, got {self.learning_rate}, {self.k}")
         return found
@@ -464,6 +468,12 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
             train_clips=train_clips,
             train_hop_frames=config.train_hop_frames,
             parity_windows=x_val.take(np.arange(min(64, len(x_val))))[:, 0].numpy(),
+            precision=config.precision,
+            calibration=(
+                x_train.take(calibration_indices(len(x_train), config.seed))[:, 0].numpy()
+                if config.precision == "int8"
+                else None
+            ),
             k=config.k,
             training=training_info,
         )

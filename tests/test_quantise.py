@@ -1,0 +1,118 @@
+"""The int8 model: the decoder rewritten without transposed convolutions, then quantised (training/quantise.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from anomalyd.audio import list_audio_files
+from anomalyd.bundle import MODEL_FILE, load_bundle
+from anomalyd.bundleinfo import describe, format_info
+from anomalyd.inference import Autoencoder
+from anomalyd.scoring import ClipScorer
+from fixtures.synth import FAULTS
+from tests.conftest import SMALL_PRESET
+from training import train
+from training.model import Architecture, ConvAutoencoder
+from training.quantise import calibration_indices, export_int8, subpixel, without_transposed
+
+
+@pytest.mark.parametrize(("c_in", "c_out"), [(1, 64), (8, 64), (64, 32), (32, 1)])
+def test_a_transposed_convolution_equals_its_sub_pixel_convolution(c_in: int, c_out: int) -> None:
+    torch.manual_seed(c_in * 100 + c_out)
+    layer = nn.ConvTranspose2d(c_in, c_out, 5, stride=2, padding=2, output_padding=1)
+    x = torch.randn(3, c_in, 16, 4)
+    with torch.no_grad():
+        expected, got = layer(x), subpixel(layer)(x)
+    assert got.shape == expected.shape == (3, c_out, 32, 8)
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=2e-5)
+
+
+def test_only_the_model_s_own_transposed_convolution_is_rewritten() -> None:
+    with pytest.raises(ValueError, match="kernel 5, stride 2"):
+        subpixel(nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1))
+
+
+def test_the_rewritten_model_reconstructs_as_the_original() -> None:
+    torch.manual_seed(1)
+    model = ConvAutoencoder(Architecture()).eval()
+    rewritten = without_transposed(model)
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in rewritten.modules())
+    assert any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())  # the original is untouched
+    x = torch.randn(4, 1, 128, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(rewritten(x).numpy(), model(x).numpy(), atol=1e-5)
+
+
+def test_the_int8_model_runs_integer_convolutions_and_stays_close_to_float(tmp_path: Path) -> None:
+    """Every convolution of the exported graph is quantised (none left in float32 between a dequantise
+    and a quantise), and on inputs like the calibration's its output stays within a few % of float's."""
+    torch.manual_seed(2)
+    model = ConvAutoencoder(Architecture()).eval()
+    rng = np.random.default_rng(0)
+    inputs = rng.standard_normal((400, 128, 16)).astype(np.float32)
+    chosen = calibration_indices(len(inputs), seed=0)
+    assert len(chosen) == len(set(chosen.tolist())) == 256
+    assert list(chosen) == sorted(chosen)
+    calibration = inputs[chosen]
+    path = tmp_path / "int8.onnx"
+    export_int8(model, 128, 16, calibration, path)
+
+    graph = onnx.load(str(path)).graph
+    ops = [node.op_type for node in graph.node]
+    assert "ConvTranspose" not in ops
+    assert ops.count("Conv") == 6
+    assert "DepthToSpace" in ops
+    produced_by = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type == "Conv":
+            weight = produced_by[node.input[1]]
+            data = produced_by.get(node.input[0])
+            assert weight.op_type == "DequantizeLinear"  # int8 weights
+            assert data is not None
+            assert data.op_type == "DequantizeLinear"
+
+    runtime = Autoencoder(path, 128, 16)
+    held_out = inputs[300:364]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(held_out)[:, None])[:, 0].numpy()
+    got = runtime.reconstruct(held_out)
+    error = float(np.sqrt(np.mean((got - expected) ** 2)))
+    assert error < 0.05 * float(np.sqrt(np.mean(expected**2)))
+    assert float(np.max(np.abs(got - expected))) > 0.0  # it is not the float model after all
+
+
+@pytest.mark.slow
+def test_an_int8_bundle_is_fitted_through_its_own_model_and_finds_every_fault(
+    synth_train: Path, synth_test: Path, tmp_path: Path
+) -> None:
+    """`precision = "int8"`: the bundle's model.onnx is the int8 graph, its residual statistics and
+    threshold are fitted through it, and it detects what the float model detects (test_train.py)."""
+    out = tmp_path / "int8"
+    status = train.main(
+        ["--normal", str(synth_train), "--out", str(out), "--preset", str(SMALL_PRESET), "--quiet",
+         "--precision", "int8"]
+    )  # fmt: skip
+    assert status == 0
+    bundle = load_bundle(out)
+    assert bundle.meta.export["precision"] == "int8"
+    assert 0 < bundle.meta.export["int8_relative_rms_error"] < 0.1
+    ops = {node.op_type for node in onnx.load(str(out / MODEL_FILE)).graph.node}
+    assert "ConvTranspose" not in ops
+    assert "DequantizeLinear" in ops
+    assert "int8" in format_info(describe(bundle)).splitlines()[-3]
+
+    scorer = ClipScorer.from_bundle(bundle)
+    normal = np.array([scorer.score_file(p).score for p in list_audio_files(synth_test / "normal")])
+    # The threshold came through the int8 model: held-out normal audio lies under it.
+    assert float(np.mean(normal <= bundle.meta.threshold.value)) >= 0.95
+    for fault in FAULTS:
+        faulty = [scorer.score_file(p).score for p in sorted((synth_test / "anomaly").glob(f"{fault}_*.wav"))]
+        auc = roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(faulty))], np.r_[normal, faulty])
+        assert auc >= 0.95, f"{fault}: AUC {auc:.3f}"
