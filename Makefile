@@ -95,7 +95,7 @@ test-ha: $(STAMP) $(HA_STAMP)
 
 # The benchmark's models have the default architecture: whole windows (the default), 16-frame tiles
 # (tile_frames = 16, each frame reconstructed once), and those tiles with an int8 model (precision = int8). Weights do not change the speed, so a few epochs on
-# synthetic audio make them (about 30 s). The table takes about 6 minutes on 2 cores.
+# synthetic audio make them (about 30 s). The table takes about 7 minutes on 2 cores.
 BENCH := bench-out
 bench: $(STAMP)
 	$(BIN)/python -m fixtures.synth --out $(BENCH)/train --normal 20 --per-fault 0 --seed 0
