@@ -8,9 +8,13 @@ by PixelShuffle(2), which exports as DepthToSpace. Each phase sees the taps of t
 on it: rows 4, 2, 0 for even output rows, 3, 1 for odd ones (the missing tap is zero).
 
 Weights are quantised per output channel (symmetric int8) and activations per tensor (uint8), with ranges
-calibrated on the model's own normalised training inputs. The model's input and output stay float32, so
-the daemon loads an int8 bundle as any other; its residual statistics and threshold are fitted through
-the int8 model itself (training/export.py), never carried over from the float one.
+calibrated on the model's own normalised training inputs. The two convolutions around the code (the
+encoder's last, which makes it, and the decoder's first, which reads it) stay float32: the code is a
+handful of channels, so they cost little, and rounding it to 256 levels moved single MIMII seeds' AUC by up
+to 9 points, where with them in float it stays the float model's (docs/mimii.md). The model's input and
+output stay float32, so the daemon loads an int8 bundle as any other; its residual statistics and
+threshold are fitted through the int8 model itself (training/export.py), never carried over from the
+float one.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import onnx
 import torch
 from onnxruntime.quantization import (
     CalibrationDataReader,
@@ -99,6 +104,8 @@ def export_int8(
     with tempfile.TemporaryDirectory() as tmp:
         float_path = Path(tmp) / "float.onnx"
         export_onnx(without_transposed(model), n_mels, n_frames, float_path)
+        convolutions = [n.name for n in onnx.load(str(float_path)).graph.node if n.op_type == "Conv"]
+        around_code = convolutions[2:4]  # encoder: 0, 1, 2 (makes the code); decoder: 3 (reads it), 4, 5
         # The quantiser logs advice about a pre-processing step the graph does not need (it has no
         # shapes to infer that export did not already give); it is not a problem of the model.
         quiet = logging.getLogger()
@@ -114,6 +121,7 @@ def export_int8(
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                nodes_to_exclude=around_code,
             )
         finally:
             quiet.setLevel(level)
