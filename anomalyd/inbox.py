@@ -1,11 +1,12 @@
 """The worker's inbox: what sources hand over, taken by the worker all at once.
 
-Capture callbacks never wait: with `max_blocks` audio blocks waiting, a block is dropped (and counted by
-the caller). A replayed file's reader waits, but on its own stream's backlog (`stream_blocks`) as well as
-the whole inbox's: the worker takes everything at once and then wakes each waiting reader once. (One
-shared bounded queue woke one reader per block taken; hundreds of readers handing the interpreter to one
-another for every 0.1 s of audio cost more than the audio.) Source notices and control items are never
-refused: they are few, and losing one would leave a stream's state untrue.
+Nothing that hands audio over ever waits here. A capture callback's block is dropped (and counted by the
+caller) with `max_blocks` audio blocks waiting. A replayed file's block is refused (`offer`) while its
+stream has `stream_blocks` waiting (or the inbox `max_blocks`): the file reader (anomalyd/sources/file.py)
+keeps it and offers it again once the worker has taken everything, which it learns from `on_room`. (Readers
+that each waited here, a thread per file, handed the interpreter to one another for every block: with
+hundreds of files that cost more than reading them.) Source notices and control items are never refused:
+they are few, and losing one would leave a stream's state untrue.
 
 `coalesce` then merges each stream's consecutive blocks, so that a backlog costs one step per stream and
 not one per block.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -25,18 +27,26 @@ from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
 
 Control = TypeVar("Control")
 
+
+def _nothing() -> None:
+    pass
+
+
 # A merged step holds at most this much audio (one longer block stays whole): a stream's clip keeps this
 # much audio beyond an event's lead-in, since an event can start that far back in the step that finds it.
 MAX_MERGED_SECONDS = 1.0
 
 
 class Inbox(Generic[Control]):
-    def __init__(self, max_blocks: int, stream_blocks: int) -> None:
+    def __init__(self, max_blocks: int, stream_blocks: int, on_room: Callable[[], None] = _nothing) -> None:
+        """`on_room`: called (outside the lock) when the worker has taken blocks that `offer` had refused
+        room to; it must not wait."""
         self.max_blocks = max_blocks
         self.stream_blocks = stream_blocks
+        self.on_room = on_room
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)  # the worker waits here for anything
-        self._room = threading.Condition(self._lock)  # readers wait here for room
+        self._refused = False  # an offer was refused since the last take
         self._items: list[SourceMessage | Control] = []
         self._blocks = 0
         self._per_stream: Counter[str] = Counter()
@@ -56,15 +66,14 @@ class Inbox(Generic[Control]):
             self._ready.notify()
             return True
 
-    def put(self, message: SourceMessage, stopping: threading.Event) -> bool:
-        """Waits while the stream has `stream_blocks` (or the inbox `max_blocks`) blocks waiting; False if
-        `stopping` was set first."""
+    def offer(self, message: SourceMessage) -> bool:
+        """Never waits; False (the block is not kept) while the stream has `stream_blocks` (or the inbox
+        `max_blocks`) audio blocks waiting. `on_room` is called once the worker has taken them."""
         with self._lock:
             if isinstance(message, AudioBlock):
-                while not self._room_for(message):
-                    if stopping.is_set():
-                        return False
-                    self._room.wait(0.2)
+                if not self._room_for(message):
+                    self._refused = True
+                    return False
                 self._count(message)
             self._items.append(message)
             self._ready.notify()
@@ -87,8 +96,10 @@ class Inbox(Generic[Control]):
             items, self._items = self._items, []
             self._blocks = 0
             self._per_stream.clear()
-            self._room.notify_all()
-            return items
+            refused, self._refused = self._refused, False
+        if refused:
+            self.on_room()
+        return items
 
     def take_merged(self, timeout: float) -> list[Merged | SourceNotice | Control]:
         """`take`, each stream's consecutive blocks merged (`coalesce`)."""

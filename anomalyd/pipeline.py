@@ -27,6 +27,7 @@ from anomalyd.errors import AnomalydError
 from anomalyd.latency import LatencyRecord
 from anomalyd.records import SourceState
 from anomalyd.sources.base import SourceMessage
+from anomalyd.sources.file import FileReader
 from anomalyd.sources.make import make_source
 from anomalyd.sources.mic import DeviceCapture, MicIO, PortAudioHost
 from anomalyd.stream import Model, StreamRuntime
@@ -71,6 +72,7 @@ class Pipeline:
         self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
         self._host = PortAudioHost()
         self._mic_io = mic_io or MicIO()
+        self._files = FileReader()  # reads every replayed file
         self._score_interval = score_interval  # seconds between ScoreReports per stream; None: none
         self._stopping = threading.Event()
         self.config: DaemonConfig | None = None
@@ -118,8 +120,8 @@ class Pipeline:
 
     def _make_source(self, key: str, members: tuple[StreamConfig, ...], config: DaemonConfig) -> Source:
         return make_source(
-            members, config.health, capture_sink=self.put_nowait, replay_sink=self.put_blocking,
-            host=self._host, io=self._mic_io,
+            members, config.health, capture_sink=self.put_nowait, replay_offer=self.offer,
+            files=self._files, host=self._host, io=self._mic_io,
         )  # fmt: skip
 
     @staticmethod
@@ -139,6 +141,7 @@ class Pipeline:
                 "worker" if not self._workers else f"worker-{len(self._workers) + 1}", self._sink,
                 tap=self.tap, latency=self.latency, events_started=self.events_started,
                 stopping=self._stopping, max_batch=self._max_batch, score_interval=self._score_interval,
+                on_room=self._files.room,
             )  # fmt: skip
             self._workers.append(worker)
             new.append(worker)
@@ -258,6 +261,7 @@ class Pipeline:
             source.request_stop()
         for source in self._sources.values():
             source.stop(min(0.5, max(0.01, (deadline - time.monotonic()) / 4)))
+        self._files.close(min(0.5, max(0.01, (deadline - time.monotonic()) / 4)))
         stopped = [w.join(max(0.1, deadline - time.monotonic())) for w in self._workers]
         if not all(stopped):
             logger.error("%d worker(s) did not stop within %.1f s", stopped.count(False), timeout)
@@ -276,11 +280,11 @@ class Pipeline:
             if self.blocks_dropped in (1, 10, 100) or self.blocks_dropped % 1000 == 0:
                 logger.warning("worker cannot keep up: %d audio blocks dropped", self.blocks_dropped)
 
-    def put_blocking(self, message: SourceMessage) -> None:
-        """For file replay: waits while the worker is busy, so that fast replay loses nothing."""
+    def offer(self, message: SourceMessage) -> bool:
+        """For file replay: never waits; False while the stream's worker has no room for the block (the
+        reader keeps it and offers it again: fast replay loses nothing)."""
         worker = self._placement.get(message.stream)
-        if worker is not None:  # else a stream a reload just removed
-            worker.inbox.put(message, self._stopping)
+        return worker is None or worker.inbox.offer(message)  # no worker: a stream a reload just removed
 
     # ---- the streams --------------------------------------------------------------------------------
 

@@ -132,6 +132,7 @@ class LocalFeed:
 
     def __init__(self, config: DaemonConfig, stream: StreamConfig, rate: int) -> None:
         # PortAudio starts (and lists devices) only now: a client of the daemon never touches the devices.
+        from anomalyd.sources.file import FileReader  # noqa: PLC0415
         from anomalyd.sources.make import make_source  # noqa: PLC0415
         from anomalyd.sources.mic import DeviceCapture, MicIO, PortAudioHost  # noqa: PLC0415
 
@@ -140,9 +141,10 @@ class LocalFeed:
         self._closed = False
         self._rate = rate
         self._resampler: Resampler | None = None
+        self._files = FileReader(f"files-{stream.name}")
         self._source = make_source(
-            (stream,), config.health, capture_sink=self._put_nowait, replay_sink=self._put_blocking,
-            host=PortAudioHost(), io=MicIO(),
+            (stream,), config.health, capture_sink=self._put_nowait, replay_offer=self._offer,
+            files=self._files, host=PortAudioHost(), io=MicIO(),
         )  # fmt: skip
         self._capture = self._source if isinstance(self._source, DeviceCapture) else None
         device = str(getattr(stream.source, "device", getattr(stream.source, "path", "")))
@@ -155,19 +157,27 @@ class LocalFeed:
         except queue.Full:
             self.dropped += 1
 
-    def _put_blocking(self, message: SourceMessage) -> None:
-        while not self._closed:
+    def _offer(self, message: SourceMessage) -> bool:
+        if isinstance(message, AudioBlock):
+            try:
+                self._queue.put_nowait(message)
+                return True
+            except queue.Full:
+                return False
+        while not self._closed:  # a notice is never refused: few, and each one tells the truth
             try:
                 self._queue.put(message, timeout=POLL_S)
-                return
+                break
             except queue.Full:
                 continue
+        return True
 
     def next(self, timeout: float) -> Audio | Gap | None:
         try:
             message = self._queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        self._files.room()
         if isinstance(message, SourceNotice):
             if message.state == SourceState.OK and self._capture is not None:
                 self.source = RecordingSource(self.source.stream, self._capture.device_name,
@@ -184,6 +194,7 @@ class LocalFeed:
     def close(self) -> None:
         self._closed = True
         self._source.stop(2.0)
+        self._files.close()
 
 
 def _int(value: object) -> int | None:

@@ -43,7 +43,7 @@ from anomalyd.tiles import reconstruct_into, score_windows
 logger = logging.getLogger(__name__)
 
 QUEUE_BLOCKS = 2000  # audio blocks waiting for a worker (200 s of one stream at 0.1 s blocks)
-STREAM_BLOCKS = 4  # a replayed file's blocks waiting for the worker: its reader stays this far ahead
+STREAM_BLOCKS = 2  # a replayed file's blocks waiting for the worker (1 s each when taken as fast as it can)
 STOP_DRAIN_S = 0.5  # at shutdown, queued audio is still processed for at most this long
 # A window waits at most about this long, while the rest of a take is processed, for its batch to be
 # scored: batches stay large when audio comes in backlogs, and a score follows its audio within
@@ -83,11 +83,13 @@ class Worker:
         stopping: threading.Event,
         max_batch: Callable[[], int],
         score_interval: float | None,
+        on_room: Callable[[], None],
     ) -> None:
         """`events_started` and `latency` are shared by all workers; `max_batch` is read at each batch (a
-        reload may change it); `score_interval`: seconds between ScoreReports per stream (None: none)."""
+        reload may change it); `score_interval`: seconds between ScoreReports per stream (None: none);
+        `on_room`: the inbox's (the file reader's cue)."""
         self._sink = sink
-        self.inbox: Inbox[Swap | Restate] = Inbox(QUEUE_BLOCKS, STREAM_BLOCKS)
+        self.inbox: Inbox[Swap | Restate] = Inbox(QUEUE_BLOCKS, STREAM_BLOCKS, on_room)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.runtimes: dict[str, StreamRuntime] = {}  # changed by this thread only; read by any
         self.started = Restate(threading.Event())

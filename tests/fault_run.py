@@ -20,7 +20,7 @@ from anomalyd.store import StoreWriter
 TARGETS: dict[str, tuple[type, str]] = {
     "worker": (Detector, "push"),
     "store": (StoreWriter, "write"),
-    "source": (FileReplay, "_replay"),
+    "source": (FileReplay, "_replay"),  # the file reader thread
 }
 
 

@@ -61,30 +61,26 @@ def test_capture_drops_audio_beyond_the_bound_but_never_a_notice_or_a_control() 
     assert inbox.put_nowait(block("b", 0))  # taking made room
 
 
-def test_a_reader_waits_on_its_own_backlog_only_and_stopping_releases_it() -> None:
-    inbox: Inbox[str] = Inbox(max_blocks=100, stream_blocks=2)
-    stopping = threading.Event()
-    assert inbox.put(block("a", 0), stopping)
-    assert inbox.put(block("a", 1600), stopping)
-    results: list[bool] = []
-    waiting = threading.Thread(target=lambda: results.append(inbox.put(block("a", 3200), stopping)))
-    waiting.start()
-    time.sleep(0.3)
-    assert waiting.is_alive()  # stream a is at its bound...
-    assert inbox.put(block("b", 0), stopping)  # ...which does not hold stream b back
-    assert len(inbox.take(1.0)) == 3
-    waiting.join(2.0)
-    assert results == [True]
-    assert len(inbox) == 1
+def test_a_replay_is_refused_on_its_own_backlog_only_and_told_when_there_is_room() -> None:
+    told: list[str] = []
+    inbox: Inbox[str] = Inbox(max_blocks=5, stream_blocks=2, on_room=lambda: told.append("room"))
+    assert inbox.offer(block("a", 0))
+    assert inbox.offer(block("a", 1600))
+    assert not inbox.offer(block("a", 3200))  # stream a is at its bound...
+    assert inbox.offer(block("b", 0))  # ...which does not hold stream b back
+    assert inbox.offer(SourceNotice("a", SourceState.ENDED, "end"))  # notices are never refused
+    assert told == []
+    assert len(inbox.take(1.0)) == 4
+    assert told == ["room"]  # once, after the take: the reader offers again
+    assert inbox.offer(block("a", 3200))
+    assert len(inbox.take(1.0)) == 1
+    assert told == ["room"]  # nothing was refused since the last take: no cue
 
-    assert inbox.put(block("a", 4800), stopping)
-    blocked = threading.Thread(target=lambda: results.append(inbox.put(block("a", 6400), stopping)))
-    blocked.start()
-    time.sleep(0.3)
-    stopping.set()
-    blocked.join(2.0)
-    assert not blocked.is_alive()
-    assert results[-1] is False
+    for i in range(5):  # the whole inbox's bound holds too
+        assert inbox.offer(block(f"s{i}", 0))
+    assert not inbox.offer(block("t", 0))
+    inbox.take(1.0)
+    assert told == ["room", "room"]
 
 
 def test_take_waits_for_the_first_item_and_times_out_empty() -> None:

@@ -32,6 +32,8 @@ class SourceNotice:
 
 SourceMessage = AudioBlock | SourceNotice
 Sink = Callable[[SourceMessage], None]
+# Takes a message without waiting; False when an audio block finds no room (notices are always taken).
+Offer = Callable[[SourceMessage], bool]
 
 
 class Backoff:
@@ -47,9 +49,13 @@ class Backoff:
 
     def wait(self) -> bool:
         """Sleep the current delay (+-20 % jitter) and double it; False if stop was set meanwhile."""
+        return not self._stop.wait(self.take())
+
+    def take(self) -> float:
+        """The current delay (+-20 % jitter), doubled for next time: for a caller that waits elsewhere."""
         delay = self._delay * random.uniform(0.8, 1.2)
         self._delay = min(self._delay * 2, self.maximum)
-        return not self._stop.wait(delay)
+        return delay
 
     @property
     def next_delay(self) -> float:

@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 from anomalyd.config import FileSource, HealthConfig, MicSource, StreamConfig
-from anomalyd.sources.base import Sink
-from anomalyd.sources.file import FileReplay
+from anomalyd.sources.base import Offer, Sink
+from anomalyd.sources.file import FileReader, FileReplay
 from anomalyd.sources.mic import DeviceCapture, Member, MicIO, PortAudioHost
 
 
@@ -14,18 +14,20 @@ def make_source(
     health: HealthConfig,
     *,
     capture_sink: Sink,
-    replay_sink: Sink,
+    replay_offer: Offer,
+    files: FileReader,
     host: PortAudioHost,
     io: MicIO,
 ) -> FileReplay | DeviceCapture:
     """The source of `members` (streams that share one device, or one replayed file's stream).
 
-    Capture callbacks get `capture_sink`, which must never block; file replay gets `replay_sink`, which
-    may wait (so that replay as fast as possible loses nothing).
+    Capture callbacks get `capture_sink`, which must never block; a replayed file is read by `files`, and
+    handed to `replay_offer`, which refuses what finds no room (so that replay as fast as possible loses
+    nothing).
     """
     first = members[0].source
     if isinstance(first, FileSource):
-        return FileReplay(members[0].name, first, health, replay_sink)
+        return FileReplay(members[0].name, first, health, replay_offer, files)
     assert isinstance(first, MicSource)
     return DeviceCapture(
         spec=first.device,
