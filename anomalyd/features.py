@@ -119,19 +119,68 @@ class LogMel:
             raise ValueError(f"mel filterbank has shape {filterbank.shape}, parameters need {expected}")
         self.params = params
         self.filterbank = np.asarray(filterbank, dtype=np.float32)
-        # Transposed once so that (n_frames, n_freqs) @ (n_freqs, n_mels) needs no copy per call.
-        self._filterbank_t = np.ascontiguousarray(filterbank.T, dtype=np.float32)
+        self._weights, self._terms = _sparse_bands(self.filterbank)
         self._window = hann_window(params.n_fft)
 
     def __call__(self, samples: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-        """(n_samples,) float32 audio -> (n_mels, n_frames) float32 log-mel in dB."""
+        """(n_samples,) float32 audio -> (n_mels, n_frames) float32 log-mel in dB.
+
+        A frame's values do not depend on the other frames of the call, to the bit: streamed audio, framed
+        a few frames at a time, gives what the whole clip gives. (The FFT transforms each frame alone; a
+        BLAS matrix product would not do: its kernels, and so its rounding, change with the frame count.)
+        """
         p = self.params
         n_frames = p.n_frames(len(samples))
         if n_frames == 0:
             return np.empty((p.n_mels, 0), dtype=np.float32)
-        frames = np.lib.stride_tricks.sliding_window_view(samples, p.n_fft)[:: p.hop_length][:n_frames]
-        spectrum = np.fft.rfft(frames * self._window, axis=1)
-        power = spectrum.real**2 + spectrum.imag**2
-        mel = power.astype(np.float32) @ self._filterbank_t
-        db: npt.NDArray[np.float32] = (10.0 * np.log10(np.maximum(mel, p.amin))).T.astype(np.float32)
-        return db
+        # A strided view, frame t starting t * hop samples in (as_strided costs several times more).
+        samples = np.ascontiguousarray(samples)
+        step = samples.itemsize
+        frames = np.ndarray(
+            (n_frames, p.n_fft), samples.dtype, buffer=samples, strides=(p.hop_length * step, step)
+        )
+        # numpy >= 2 transforms float32 in single precision (complex64): all that float32 features need.
+        spectrum = np.fft.rfft(frames * self._window)
+        parts = spectrum.view(spectrum.real.dtype)  # real and imaginary parts, interleaved
+        np.square(parts, out=parts)
+        power = parts[:, 0::2] + parts[:, 1::2]
+        # Each band sums its own bins' weighted powers, term by term in a fixed order (see _sparse_bands):
+        # the filterbank is under 2 % non-zero, and the order is the same however many frames there are.
+        n_layers, n_freqs = self._weights.shape
+        weighted = np.empty((n_layers * n_freqs + 1, n_frames), dtype=np.float32)
+        weighted[-1] = 0.0
+        rows = weighted[:-1].reshape(n_layers, n_freqs, n_frames)
+        # The same products either way; looping over frames innermost only pays with many of them.
+        if n_frames < 16:
+            np.multiply(power[:, None, :], self._weights, out=rows.transpose(2, 0, 1))
+        else:
+            np.multiply(self._weights[:, :, None], np.ascontiguousarray(power.T), out=rows)
+        mel: npt.NDArray[np.float32] = np.take(weighted, self._terms, axis=0).sum(axis=0)
+        np.maximum(mel, p.amin, out=mel)
+        np.log10(mel, out=mel)
+        mel *= 10.0
+        return mel
+
+
+def _sparse_bands(
+    filterbank: npt.NDArray[np.float32],
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.intp]]:
+    """The filterbank as a few rows of bin weights and, for each band, the rows of their products that
+    it sums.
+
+    Mel triangles overlap, so a bin feeds up to two bands: `weights[l, k]` is bin k's weight in the l-th
+    band it feeds. With the weighted powers stacked as rows `l * n_freqs + k`, and one row of zeros last,
+    band m is the sum of rows `terms[:, m]`: its bins in order, padded with the zero row to the widest
+    band's count.
+    """
+    n_mels, n_freqs = filterbank.shape
+    nonzero = filterbank != 0
+    band, freq = np.nonzero(nonzero)  # band by band, bins ascending
+    layer = (np.cumsum(nonzero, axis=0) - 1)[band, freq]  # earlier bands that the bin also feeds
+    term = (np.cumsum(nonzero, axis=1) - 1)[band, freq]  # earlier bins of the band
+    n_layers = max(1, int(nonzero.sum(axis=0).max()))
+    weights = np.zeros((n_layers, n_freqs), dtype=np.float32)
+    weights[layer, freq] = filterbank[band, freq]
+    terms = np.full((max(1, int(nonzero.sum(axis=1).max())), n_mels), n_layers * n_freqs, dtype=np.intp)
+    terms[term, band] = layer * n_freqs + freq
+    return weights, terms

@@ -31,17 +31,35 @@ def dbfs(mean_square: float) -> float:
     return 10.0 * float(np.log10(max(mean_square, 1e-20)))
 
 
+def sums_of_squares(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """Each row's sum of squares, for (n, size) samples.
+
+    In float32: a few hundred terms lose at most a few parts in 1e5 of their sum, and the squares stay
+    normal floats for samples far below the lowest silence threshold (-200 dBFS).
+    """
+    squares: npt.NDArray[np.float32] = np.einsum("ij,ij->i", rows, rows)
+    return squares
+
+
 def sanitise(samples: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float32], int]:
     """Samples with NaN, infinities and absurd values zeroed, and how many there were.
 
     Zeroing (rather than dropping) keeps sample counts, and so time, exact; zeros read as a dropout, so
     the windows around them are not scored.
     """
-    bad = ~(np.abs(samples) <= MAX_ABS_SAMPLE)  # True for NaN too
-    count = int(np.count_nonzero(bad))
-    if not count:
+    magnitude = np.abs(samples)
+    if magnitude.max(initial=0.0) <= MAX_ABS_SAMPLE:  # False when any is NaN: the max is then NaN
         return samples, 0
-    return np.where(bad, np.float32(0.0), samples).astype(np.float32), count
+    bad = ~(magnitude <= MAX_ABS_SAMPLE)  # True for NaN too
+    return np.where(bad, np.float32(0.0), samples).astype(np.float32), int(np.count_nonzero(bad))
+
+
+def count_clipped(samples: npt.NDArray[np.float32]) -> int:
+    """How many samples are at full scale."""
+    magnitude = np.abs(samples)
+    if magnitude.max(initial=0.0) < FULL_SCALE:  # nearly always: no need to compare every sample
+        return 0
+    return int(np.count_nonzero(magnitude >= FULL_SCALE))
 
 
 @dataclass
@@ -70,10 +88,11 @@ class HealthMonitor:
         """Take a captured block (already sanitised; `invalid` samples were zeroed); return (state, detail)
         when the state changes."""
         s = self._second
-        s.squares += float(np.dot(samples, samples))
-        s.clipped += int(np.count_nonzero(np.abs(samples) >= FULL_SCALE))
+        squares, silent_chunks = self._squares(samples, rate)
+        s.squares += squares
+        s.clipped += count_clipped(samples)
         s.invalid += invalid
-        s.silent_chunks += self._silent_chunks(samples, rate)
+        s.silent_chunks += silent_chunks
         s.samples += len(samples)
         if s.samples < rate:
             return None
@@ -105,16 +124,17 @@ class HealthMonitor:
         second at a time, as short ones are)."""
         return max(1, rate - self._second.samples)
 
-    def _silent_chunks(self, samples: npt.NDArray[np.float32], rate: int) -> int:
-        """How many 10 ms chunks of the block are digital silence (a short block counts as one chunk)."""
+    def _squares(self, samples: npt.NDArray[np.float32], rate: int) -> tuple[float, int]:
+        """The block's sum of squares, and how many of its 10 ms chunks are digital silence (a short
+        block counts as one chunk)."""
         size = max(1, int(rate * CHUNK_SECONDS))
         n = len(samples) // size
+        chunk_squares = sums_of_squares(samples[: n * size].reshape(n, size))
+        rest = samples[n * size :]
+        squares = float(chunk_squares.sum(dtype=np.float64)) + float(np.dot(rest, rest))
         if n == 0:
-            return int(
-                len(samples) > 0 and float(np.mean(samples.astype(np.float64) ** 2)) < self._silence_ms
-            )
-        chunks = samples[: n * size].astype(np.float64).reshape(n, size)
-        return int(np.count_nonzero(np.mean(chunks**2, axis=1) < self._silence_ms))
+            return squares, int(len(samples) > 0 and squares < self._silence_ms * len(samples))
+        return squares, int(np.count_nonzero(chunk_squares < self._silence_ms * size))
 
     def source_reports(self, state: SourceState, detail: str) -> tuple[SourceState, str] | None:
         """The source opened (OK), was lost, or ended."""

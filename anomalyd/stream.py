@@ -171,19 +171,20 @@ class StreamRuntime:
     def _observe(self, block: AudioBlock, out: Output) -> npt.NDArray[np.float32]:
         """The block's samples made safe, health judged a second at a time (merged blocks can be long)."""
         pieces = []
+        zeroed = 0
         at = 0
         while at < len(block.samples):
             piece = block.samples[at : at + self.health.samples_to_second(block.rate)]
             at += len(piece)
             clean, invalid = sanitise(piece)
-            self.samples_invalid += invalid
+            zeroed += invalid
             change = self.health.observe(clean, block.rate, invalid)
             if change:
                 out.statuses.append(self._status(*change))
             pieces.append(clean)
-        if len(pieces) == 1:
-            return pieces[0]
-        return np.concatenate(pieces) if pieces else block.samples
+        self.samples_invalid += zeroed
+        # Pieces left as they were are views of the block: it needs copying only when one was cleaned.
+        return np.concatenate(pieces) if zeroed else block.samples
 
     def drain(self) -> Step:
         """Tiles and windows still held by the resampler, at the end of a source's audio."""

@@ -16,7 +16,7 @@ import numpy.typing as npt
 import soxr
 
 from anomalyd.features import LogMel
-from anomalyd.health import dbfs
+from anomalyd.health import dbfs, sums_of_squares
 from anomalyd.windows import Normalisation, WindowGeometry
 
 
@@ -85,10 +85,10 @@ class StreamingWindows:
             return step
         new_frames = self.logmel(self._samples[: p.n_samples(n_new)])
         # Frame k of the buffer starts at k * hop, so the next frame starts n_new * hop samples in.
-        consumed = self._samples[: n_new * p.hop_length].astype(np.float64)
+        new_energy = sums_of_squares(self._samples[: n_new * p.hop_length].reshape(n_new, p.hop_length))
         self._samples = self._samples[n_new * p.hop_length :]
         self._frames = np.concatenate([self._frames, new_frames], axis=1)
-        self._energy = np.concatenate([self._energy, (consumed**2).reshape(n_new, p.hop_length).sum(axis=1)])
+        self._energy = np.concatenate([self._energy, new_energy], dtype=np.float64)
         available = self._first_frame + self._frames.shape[1]
 
         n_tiles = max(0, (available - g.model_frames) // g.tile_hop + 1 - self._next_tile)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import librosa
 import numpy as np
 import pytest
@@ -47,6 +49,22 @@ def test_frames_are_independent_of_what_follows(logmel: LogMel) -> None:
     whole = logmel(y)
     part = logmel(y[: 16_000 * 3 + 123])
     np.testing.assert_array_equal(whole[:, : part.shape[1]], part)
+
+
+def test_frames_are_independent_of_the_other_frames_of_the_call(logmel: LogMel) -> None:
+    """Streaming frames a few frames at a time: any split at frame boundaries gives, to the bit, the
+    log-mel of the whole."""
+    p = logmel.params
+    y = load_audio(MIMII / "normal" / "00000002.wav", 16_000)
+    whole = logmel(y)
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        cuts = np.sort(rng.choice(np.arange(1, whole.shape[1]), size=int(rng.integers(1, 40)), replace=False))
+        edges = [0, *cuts.tolist(), whole.shape[1]]
+        pieces = [logmel(y[a * p.hop_length : p.n_samples(b)]) for a, b in itertools.pairwise(edges)]
+        np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole)
+    one_by_one = [logmel(y[t * p.hop_length : p.n_samples(t + 1)]) for t in range(whole.shape[1])]
+    np.testing.assert_array_equal(np.concatenate(one_by_one, axis=1), whole)
 
 
 def test_frame_count() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from anomalyd.config import HealthConfig
-from anomalyd.health import HealthMonitor, sanitise
+from anomalyd.health import FULL_SCALE, HealthMonitor, count_clipped, sanitise
 from anomalyd.records import SourceState
 
 RATE = 16_000
@@ -72,3 +72,19 @@ def test_loss_is_not_undone_by_audio_still_queued_from_before_it() -> None:
     assert feed(monitor, noise(3, 0.05)) == []
     assert monitor.state == SourceState.LOST
     assert monitor.source_reports(SourceState.OK, "capturing") == (SourceState.OK, "capturing")
+
+
+def test_the_limits_are_kept_exactly() -> None:
+    """+-MAX_ABS_SAMPLE is still audio, a hair beyond is not; FULL_SCALE itself is clipped."""
+    block = noise(0.1, 0.05).astype(np.float32)
+    block[[3, 4]] = [16.0, -16.0]
+    clean, count = sanitise(block)
+    assert count == 0
+    assert clean is block
+    block[5] = np.nextafter(np.float32(16.0), np.float32(np.inf))
+    assert sanitise(block)[1] == 1
+    assert sanitise(np.empty(0, dtype=np.float32))[1] == 0
+    assert count_clipped(block) == 3
+    block[[3, 4, 5]] = [FULL_SCALE, -FULL_SCALE, np.nextafter(np.float32(FULL_SCALE), np.float32(0.0))]
+    assert count_clipped(block) == 2
+    assert count_clipped(np.empty(0, dtype=np.float32)) == 0

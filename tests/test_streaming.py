@@ -59,6 +59,24 @@ def test_streamed_tiles_and_windows_equal_offline_ones_on_real_audio(tile_frames
         assert geometry.first_tile(i) + geometry.tiles_per_window <= len(streamed.tiles)
 
 
+def test_streamed_frames_and_levels_equal_offline_ones_to_the_bit() -> None:
+    """However the audio is cut into blocks, the frames are those of the whole clip, and the windows'
+    levels are the same."""
+    params = FeatureParams()
+    logmel = LogMel(params, make_filterbank(params))
+    geometry = WindowGeometry(tile_frames=16)
+    audio = load_audio(MIMII / "normal" / "00000001.wav", 16_000)
+    audio[50_000:60_000] = 0.0  # digital silence, for the quietest hops
+    frames = logmel(audio)
+    as_is = Normalisation(np.zeros(128, np.float32), np.ones(128, np.float32), "none")
+    runs = [stream_steps(StreamingWindows(logmel, geometry, as_is), audio, seed) for seed in (1, 2)]
+    for run in runs:
+        streamed = np.concatenate([tile.values for tile in run.tiles], axis=1)
+        np.testing.assert_array_equal(streamed, frames[:, : streamed.shape[1]])
+    assert runs[0].windows == runs[1].windows
+    assert min(w.quietest_dbfs for w in runs[0].windows) < -150
+
+
 def test_window_level_reports_silence() -> None:
     params = FeatureParams()
     logmel = LogMel(params, make_filterbank(params))
