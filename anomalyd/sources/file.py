@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 # audio, and no more than the worker merges into one step anyway.
 FAST_BLOCK_SECONDS = MAX_MERGED_SECONDS
 ROOM = math.inf  # `FileReplay._replay`: serve again once the pipeline has room
+# Blocks one replay hands on in a turn: a sink that always has room must not keep the reader to one file.
+TURN_BLOCKS = 8
 _READ_ERRORS = (sf.LibsndfileError, OSError)  # a file changed, truncated or gone while being read
 
 
@@ -168,7 +170,9 @@ class FileReplay:
     def _replay(self, now: float) -> float | None:
         """Reader thread: hand on what is due and fits; return when to be served again (a monotonic
         time, or ROOM), or None when the replay has ended."""
-        while not self._stopping.is_set():
+        for _ in range(TURN_BLOCKS):
+            if self._stopping.is_set():
+                return None
             retry = self._fill(now)
             if self._pending is None:
                 return retry
@@ -181,7 +185,7 @@ class FileReplay:
             if not self._offer(AudioBlock(block.stream, block.samples, block.rate, time.monotonic())):
                 return ROOM
             self._pending = None
-        return None
+        return now  # its turn is over: the other replays, and requests to stop, come first
 
     def _fill(self, now: float) -> float | None:
         """Read the next block, opening the file first (and again at the end of a pass, with `loop`).
