@@ -106,12 +106,12 @@ def bundle_dir(synth_train: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="session")
 def window_bundle_dir(synth_train: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same, with whole windows as the model's input (`tile_frames = 0`): a format 3 bundle, as
-    anomalyd wrote them before tiles; older formats are this with fields taken out."""
+    """The same, with whole windows as the model's input (`tile_frames = 0`) in float32: a format 3
+    bundle, as anomalyd wrote them before tiles; older formats are this with fields taken out."""
+    options = ("--tile-frames", "0", "--batch-size", "32", "--precision", "float32")
     made = _made_once(
-        tmp_path_factory, "bundle-windows",
-        lambda out: _train(synth_train, out / "machine-windows", "--tile-frames", "0", "--batch-size", "32"),
-    )  # fmt: skip
+        tmp_path_factory, "bundle-windows", lambda out: _train(synth_train, out / "machine-windows", *options)
+    )
     return made / "machine-windows"
 
 

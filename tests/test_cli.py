@@ -226,7 +226,7 @@ def test_end_to_end_on_real_mimii_clips(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     meta = json.loads((bundle / "model.json").read_text())
-    assert meta["training"]["train_inputs"] == 31  # one 10 s clip: 311 frames, windows every 8
+    assert meta["training"]["train_inputs"] == 37  # one 10 s clip: 311 frames, 16-frame tiles every 8
     files = [MIMII / "normal" / "00000003.wav", *sorted((MIMII / "anomaly").glob("*.wav"))]
     result = run(*ANOMALYD, "score", "--bundle", bundle, *files)
     assert result.returncode in (0, 1), result.stderr

@@ -18,7 +18,7 @@ from anomalyd.inference import Autoencoder
 from anomalyd.scoring import ClipScorer
 from fixtures.synth import FAULTS
 from tests.conftest import SMALL_PRESET
-from training import train
+from training import export, train
 from training.model import Architecture, ConvAutoencoder
 from training.quantise import calibration_indices, export_int8, subpixel, without_transposed
 
@@ -94,17 +94,12 @@ def test_the_int8_model_runs_integer_convolutions_and_stays_close_to_float(tmp_p
 
 
 @pytest.mark.slow
-def test_an_int8_bundle_is_fitted_through_its_own_model_and_finds_every_fault(
-    synth_train: Path, synth_test: Path, tmp_path: Path
+def test_the_default_bundle_is_int8_fitted_through_its_own_model_and_finds_every_fault(
+    bundle_dir: Path, synth_test: Path
 ) -> None:
-    """`precision = "int8"`: the bundle's model.onnx is the int8 graph, its residual statistics and
-    threshold are fitted through it, and it detects what the float model detects (test_train.py)."""
-    out = tmp_path / "int8"
-    status = train.main(
-        ["--normal", str(synth_train), "--out", str(out), "--preset", str(SMALL_PRESET), "--quiet",
-         "--precision", "int8"]
-    )  # fmt: skip
-    assert status == 0
+    """`precision = "auto"` (the default) gives int8 on the synthetic set: the bundle's model.onnx is the int8
+    graph, its residual statistics and threshold are fitted through it, and it detects every fault."""
+    out = bundle_dir
     bundle = load_bundle(out)
     assert bundle.meta.export["precision"] == "int8"
     assert 0 < bundle.meta.export["int8_relative_rms_error"] < 0.1
@@ -121,3 +116,21 @@ def test_an_int8_bundle_is_fitted_through_its_own_model_and_finds_every_fault(
         faulty = [scorer.score_file(p).score for p in sorted((synth_test / "anomaly").glob(f"{fault}_*.wav"))]
         auc = roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(faulty))], np.r_[normal, faulty])
         assert auc >= 0.95, f"{fault}: AUC {auc:.3f}"
+
+
+@pytest.mark.slow
+def test_auto_falls_back_to_float32_where_int8_is_off_and_int8_asked_for_fails(
+    synth_train: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A seed of MIMII fan id_00 gave an int8 model 11.4 % rms from torch's: the default must still train."""
+    monkeypatch.setattr(export, "INT8_TOLERANCE", 0.0)  # no int8 model is that close
+    options = ["--normal", str(synth_train), "--preset", str(SMALL_PRESET), "--quiet", "--epochs", "2"]
+    assert train.main([*options, "--out", str(tmp_path / "auto")]) == 0
+    meta = load_bundle(tmp_path / "auto").meta.export
+    assert meta["precision"] == "float32"
+    assert meta["parity_max_abs_diff"] <= 1e-4
+    assert meta["int8_refused_relative_rms_error"] > 0
+    assert "exported in float32 instead" in caplog.text
+    assert train.main([*options, "--out", str(tmp_path / "int8"), "--precision", "int8"]) == 2
+    assert "export it with precision float32" in caplog.text
+    assert not (tmp_path / "int8").exists()

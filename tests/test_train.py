@@ -47,7 +47,8 @@ def test_bundle_describes_itself(bundle_dir: Path, synth_train: Path) -> None:
     files = meta["training"]["files"]
     assert all(f["blocks"] in ("T", "V") for f in files)
     assert t["n_clips"] == meta["training"]["val_blocks"] == sum(f["blocks"] == "V" for f in files) >= 2
-    assert meta["export"]["parity_max_abs_diff"] <= 1e-4
+    assert meta["export"]["precision"] == "int8"  # the default
+    assert meta["export"]["int8_relative_rms_error"] <= 0.1
     assert 0 < meta["training"]["active_code_share"] <= 1  # a live code, not a fixed template
     assert set(meta["versions"]) >= {"anomalyd", "torch", "onnxruntime", "numpy", "librosa"}
     assert meta["created_at"].endswith("+00:00")
@@ -190,7 +191,7 @@ def test_too_little_audio_is_a_clear_error(
         ("epochs = 'many'\n", "epochs = 'many' is not a valid int"),
         ("epochs = 2.5\n", "epochs = 2.5 is not a valid int"),
         ("n_frames = 60\n", "n_frames must be a positive multiple of 8"),
-        ("precision = 'int4'\n", "precision must be one of float32, int8, got 'int4'"),
+        ("precision = 'int4'\n", "precision must be one of auto, int8, float32, got 'int4'"),
         ("epochs = [\n", "cannot read training preset"),
     ],
 )
@@ -204,6 +205,12 @@ def test_bad_presets_are_refused_before_any_work(
     )
     assert message in caplog.text
     assert not (tmp_path / "b").exists()
+
+
+def test_a_float32_bundle_is_torch_s_model_to_1e4(window_bundle_dir: Path) -> None:
+    export = json.loads((window_bundle_dir / "model.json").read_text())["export"]
+    assert export["precision"] == "float32"
+    assert export["parity_max_abs_diff"] <= 1e-4
 
 
 def test_help_explains_every_option_with_its_default(capsys: pytest.CaptureFixture[str]) -> None:

@@ -121,18 +121,11 @@ def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDAr
     return diff
 
 
-def check_int8(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
-    """The int8 model's rms difference from torch's reconstructions, relative to their rms; raises above
-    INT8_TOLERANCE."""
+def int8_error(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
+    """The int8 model's rms difference from torch's reconstructions, relative to their rms."""
     expected = _torch_output(model, windows)
     error = float(np.sqrt(np.mean((runtime.reconstruct(windows) - expected) ** 2)))
-    relative = error / max(float(np.sqrt(np.mean(expected**2))), 1e-12)
-    if not relative <= INT8_TOLERANCE:
-        raise BundleError(
-            f"the int8 model differs from torch by {relative:.1%} rms (tolerance {INT8_TOLERANCE:.0%}); "
-            "export it with precision float32"
-        )
-    return round(relative, 5)
+    return round(error / max(float(np.sqrt(np.mean(expected**2))), 1e-12), 5)
 
 
 def fit_residual(scorer: ClipScorer, train_clips: list[Clip], train_hop_frames: int) -> ResidualStats:
@@ -188,6 +181,35 @@ def _move_into_place(built: Path, out: Path) -> None:
         built.rename(out)
 
 
+def _export_model(inp: ExportInputs, path: Path) -> tuple[Autoencoder, dict[str, object]]:
+    """Write model.onnx in the precision asked for; return it loaded, and how close it is to torch's.
+
+    "auto" exports int8 when it stays within INT8_TOLERANCE of torch's output (on MIMII every seed of ten
+    then ranks within half a point of AUC of float32) and float32 otherwise, with a warning: a default
+    must not fail a training run. "int8" asked for explicitly fails instead.
+    """
+    n_mels, frames = inp.logmel.params.n_mels, inp.geometry.model_frames
+    refused: dict[str, object] = {}
+    if inp.precision in ("int8", "auto"):
+        if inp.calibration is None:
+            raise BundleError("an int8 export needs calibration inputs")
+        export_int8(inp.model, n_mels, frames, inp.calibration, path)
+        runtime = Autoencoder(path, n_mels, frames)
+        relative = int8_error(inp.model, runtime, inp.parity_windows)
+        if relative <= INT8_TOLERANCE:
+            fidelity = {"int8_relative_rms_error": relative, "calibration_inputs": len(inp.calibration)}
+            return runtime, {"precision": "int8", **fidelity}
+        problem = f"the int8 model differs from torch by {relative:.1%} rms (tolerance {INT8_TOLERANCE:.0%})"
+        if inp.precision == "int8":
+            raise BundleError(f"{problem}; export it with precision float32 (or auto)")
+        logger.warning("%s: exported in float32 instead", problem)
+        refused = {"int8_refused_relative_rms_error": relative}
+    export_onnx(inp.model, n_mels, frames, path)
+    runtime = Autoencoder(path, n_mels, frames)
+    parity = check_parity(inp.model, runtime, inp.parity_windows)
+    return runtime, {"precision": "float32", "parity_max_abs_diff": parity, **refused}
+
+
 def export_bundle(inp: ExportInputs) -> Bundle:
     params = inp.logmel.params
     inp.out.parent.mkdir(parents=True, exist_ok=True)
@@ -195,12 +217,6 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     shutil.rmtree(built, ignore_errors=True)
     built.mkdir()
 
-    if inp.precision == "int8":
-        if inp.calibration is None:
-            raise BundleError("an int8 export needs calibration inputs")
-        export_int8(inp.model, params.n_mels, inp.geometry.model_frames, inp.calibration, built / MODEL_FILE)
-    else:
-        export_onnx(inp.model, params.n_mels, inp.geometry.model_frames, built / MODEL_FILE)
     save_file(
         {k: v.contiguous() for k, v in inp.model.state_dict().items()},
         str(built / WEIGHTS_FILE),
@@ -208,19 +224,7 @@ def export_bundle(inp: ExportInputs) -> Bundle:
     )
     np.save(built / FILTERBANK_FILE, inp.logmel.filterbank, allow_pickle=False)
 
-    runtime = Autoencoder(built / MODEL_FILE, params.n_mels, inp.geometry.model_frames)
-    if inp.precision == "int8":
-        assert inp.calibration is not None
-        fidelity = {
-            "precision": "int8",
-            "int8_relative_rms_error": check_int8(inp.model, runtime, inp.parity_windows),
-            "calibration_inputs": len(inp.calibration),
-        }
-    else:
-        fidelity = {
-            "precision": "float32",
-            "parity_max_abs_diff": check_parity(inp.model, runtime, inp.parity_windows),
-        }
+    runtime, fidelity = _export_model(inp, built / MODEL_FILE)
     scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime)
     residual = fit_residual(scorer, inp.train_clips, inp.train_hop_frames)
     scorer = ClipScorer(inp.logmel, inp.geometry, inp.normalisation, runtime, residual)

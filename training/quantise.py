@@ -39,7 +39,7 @@ from torch import nn
 
 from training.model import ConvAutoencoder
 
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("auto", "int8", "float32")  # auto: int8 where it holds (training/export.py)
 CALIBRATION_INPUTS = 256  # normalised training inputs that set the activation ranges
 _TAPS = {0: (4, 2, 0), 1: (None, 3, 1)}  # output phase -> 5-tap kernel index per 3-tap position
 

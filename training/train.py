@@ -63,17 +63,17 @@ class TrainConfig:
     hop_frames: int = 16  # frames between windows when scoring; stored in the bundle
     train_hop_frames: int = 8  # denser windows for training: more examples from little audio
     pool_frames: int = 64  # frames averaged in the residual before squaring; stored in the bundle
-    tile_frames: int = 0  # model input frames, each frame once (16: a quarter of the cost); 0: whole windows
+    tile_frames: int = 16  # model input frames, each frame once (a quarter of windows' cost); 0: windows
     levelling: str = "window_power"  # "window_power": each window's level removed (gain-proof), or "none"
     fmax: float = FMAX  # Hz, highest mel filterbank edge; above the resampler's passband bands are unreliable
     # model (see training/model.py)
     channels: tuple[int, int, int] = (32, 64, 1)  # encoder channels per stride-2 stage; the last is the code
     kernel_size: int = 5  # convolution kernel size, odd
-    precision: str = "float32"  # the exported model's arithmetic: "float32", or "int8" (training/quantise.py)
+    precision: str = "auto"  # model arithmetic: "int8", "float32", or "auto" (int8 where close to float)
     # optimisation
     epochs: int = 100  # most epochs to train; early stopping usually ends sooner
     patience: int = 10  # epochs without a better validation loss before stopping
-    batch_size: int = 32  # model inputs (windows, or tiles) per step
+    batch_size: int = 128  # model inputs (tiles, or whole windows) per step
     learning_rate: float = 1e-3  # Adam's learning rate
     # decision rule
     k: float = 3.0  # threshold = mean + k * std of validation block scores
@@ -471,7 +471,7 @@ def train(args: argparse.Namespace, config: TrainConfig) -> Path:
             precision=config.precision,
             calibration=(
                 x_train.take(calibration_indices(len(x_train), config.seed))[:, 0].numpy()
-                if config.precision == "int8"
+                if config.precision != "float32"
                 else None
             ),
             k=config.k,
