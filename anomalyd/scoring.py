@@ -136,7 +136,7 @@ class ClipScorer:
         """Score a file block by block through the daemon's `StreamingWindows`, keeping every window's
         place and level (not its values), so that the daemon's detector can be replayed on it."""
         p = self.logmel.params
-        streamer = StreamingWindows(self.logmel, self.geometry, self.normalisation)
+        streamer = StreamingWindows(self.logmel, self.geometry)
         store = TileStore(self.geometry)
         errors: list[npt.NDArray[np.float32]] = []
         places: list[tuple[int, int, float]] = []
@@ -144,7 +144,7 @@ class ClipScorer:
         windows: list[tuple[TileStore, Window]] = []
 
         def score_pending() -> None:
-            reconstruct_into(self.autoencoder, self.geometry, tiles, MAX_BATCH_TILES)
+            reconstruct_into(self.autoencoder, self.geometry, self.normalisation, tiles, MAX_BATCH_TILES)
             errors.append(score_windows(self.geometry, self.residual, windows))
             places.extend((w.start_sample, w.end_sample, w.quietest_dbfs) for _, w in windows)
             tiles.clear()

@@ -96,7 +96,7 @@ class StreamRuntime:
             self.k = detector.k if detector.k is not None else meta.threshold.k
             self.threshold = stats.threshold(self.k)
         self.detector = Detector(detector, self.threshold, model.rate)
-        self.windows = StreamingWindows(model.logmel, meta.window, meta.normalisation)
+        self.windows = StreamingWindows(model.logmel, meta.window)
         self.tiles = TileStore(meta.window)  # reconstructed tiles of the windows not yet scored
         self.health = HealthMonitor(health)
         # An event can start m windows and a window length before the window that opens it, which is

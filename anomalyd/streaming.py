@@ -17,7 +17,7 @@ import soxr
 
 from anomalyd.features import LogMel
 from anomalyd.health import dbfs, sums_of_squares
-from anomalyd.windows import Normalisation, WindowGeometry
+from anomalyd.windows import WindowGeometry
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class Window:
 @dataclass(frozen=True)
 class Tile:
     index: int  # model inputs since the stream began
-    values: npt.NDArray[np.float32]  # (n_mels, model_frames), levelled and normalised
+    # (n_mels, model_frames) log-mel in dB as framed: levelled and normalised with the batch it is
+    # reconstructed in (anomalyd/tiles.py), one numpy step for all streams' tiles instead of one per block.
+    values: npt.NDArray[np.float32]
 
 
 @dataclass
@@ -59,12 +61,11 @@ class Resampler:
 
 
 class StreamingWindows:
-    """Turns consecutive (n,) float32 blocks at the model rate into normalised tiles and windows."""
+    """Turns consecutive (n,) float32 blocks at the model rate into tiles and windows."""
 
-    def __init__(self, logmel: LogMel, geometry: WindowGeometry, normalisation: Normalisation) -> None:
+    def __init__(self, logmel: LogMel, geometry: WindowGeometry) -> None:
         self.logmel = logmel
         self.geometry = geometry
-        self.normalisation = normalisation
         p = logmel.params
         self._samples = np.empty(0, dtype=np.float32)  # not yet framed
         self._frames = np.empty((p.n_mels, 0), dtype=np.float32)  # not yet fully windowed
@@ -94,8 +95,7 @@ class StreamingWindows:
         n_tiles = max(0, (available - g.model_frames) // g.tile_hop + 1 - self._next_tile)
         if n_tiles:
             offsets = [(self._next_tile + i) * g.tile_hop - self._first_frame for i in range(n_tiles)]
-            raw = np.stack([self._frames[:, o : o + g.model_frames] for o in offsets])
-            values = self.normalisation.apply(raw)
+            values = np.stack([self._frames[:, o : o + g.model_frames] for o in offsets])
             step.tiles = [Tile(self._next_tile + i, values[i]) for i in range(n_tiles)]
             self._next_tile += n_tiles
 

@@ -32,7 +32,7 @@ import numpy.typing as npt
 from anomalyd.inference import Autoencoder
 from anomalyd.residual import ResidualStats
 from anomalyd.streaming import Tile, Window
-from anomalyd.windows import WindowGeometry
+from anomalyd.windows import Normalisation, WindowGeometry
 
 
 def block_frames(geometry: WindowGeometry) -> int:
@@ -113,12 +113,17 @@ class TileStore:
 
 
 def reconstruct_into(
-    autoencoder: Autoencoder, geometry: WindowGeometry, tiles: Sequence[tuple[TileStore, Tile]], batch: int
+    autoencoder: Autoencoder,
+    geometry: WindowGeometry,
+    normalisation: Normalisation,
+    tiles: Sequence[tuple[TileStore, Tile]],
+    batch: int,
 ) -> None:
-    """Reconstruct the tiles, `batch` per ONNX Runtime call, and keep each one's residual in its store."""
+    """Level and normalise the tiles and reconstruct them, `batch` per ONNX Runtime call; keep each one's
+    residual in its store."""
     for start in range(0, len(tiles), batch):
         chunk = tiles[start : start + batch]
-        values = np.stack([tile.values for _, tile in chunk])
+        values = normalisation.apply(np.stack([tile.values for _, tile in chunk]))
         blocks = tile_residuals(values, autoencoder.reconstruct(values), geometry)
         for (store, tile), tile_blocks in zip(chunk, blocks, strict=True):
             store.add(tile.index, tile_blocks)

@@ -232,7 +232,8 @@ class Worker:
         for held in tiles_by_model.values():
             model = held[0][0].model
             stores = [(r.tiles, t) for r, t in held]
-            reconstruct_into(model.autoencoder, model.bundle.meta.window, stores, self._max_batch())
+            meta = model.bundle.meta
+            reconstruct_into(model.autoencoder, meta.window, meta.normalisation, stores, self._max_batch())
         by_model: dict[int, list[tuple[StreamRuntime, Window, float]]] = defaultdict(list)
         for held_window in pending:
             by_model[id(held_window[0].model)].append(held_window)

@@ -45,12 +45,14 @@ def test_streamed_tiles_and_windows_equal_offline_ones_on_real_audio(tile_frames
     offline = norm.apply(
         np.ascontiguousarray(slice_windows(frames, geometry.model_frames, geometry.tile_hop))
     )
-    streamed = stream_steps(StreamingWindows(logmel, geometry, norm), audio)
+    streamed = stream_steps(StreamingWindows(logmel, geometry), audio)
     assert len(streamed.windows) == geometry.n_windows(frames.shape[1]) == 16
     assert len(streamed.tiles) == len(offline) == (frames.shape[1] // 16 if tile_frames else 16)
+    # Levelled and normalised as the worker does it: in a batch of several streams' tiles.
+    normalised = norm.apply(np.stack([tile.values for tile in streamed.tiles]))
     for i, tile in enumerate(streamed.tiles):
         assert tile.index == i
-        np.testing.assert_allclose(tile.values, offline[i], atol=1e-4)
+        np.testing.assert_allclose(normalised[i], offline[i], atol=1e-4)
     for i, window in enumerate(streamed.windows):
         assert window.index == i
         assert window.start_sample == i * geometry.hop_frames * params.hop_length
@@ -68,8 +70,7 @@ def test_streamed_frames_and_levels_equal_offline_ones_to_the_bit() -> None:
     audio = load_audio(MIMII / "normal" / "00000001.wav", 16_000)
     audio[50_000:60_000] = 0.0  # digital silence, for the quietest hops
     frames = logmel(audio)
-    as_is = Normalisation(np.zeros(128, np.float32), np.ones(128, np.float32), "none")
-    runs = [stream_steps(StreamingWindows(logmel, geometry, as_is), audio, seed) for seed in (1, 2)]
+    runs = [stream_steps(StreamingWindows(logmel, geometry), audio, seed) for seed in (1, 2)]
     for run in runs:
         streamed = np.concatenate([tile.values for tile in run.tiles], axis=1)
         np.testing.assert_array_equal(streamed, frames[:, : streamed.shape[1]])
@@ -80,8 +81,7 @@ def test_streamed_frames_and_levels_equal_offline_ones_to_the_bit() -> None:
 def test_window_level_reports_silence() -> None:
     params = FeatureParams()
     logmel = LogMel(params, make_filterbank(params))
-    norm = Normalisation(np.zeros(128, np.float32), np.ones(128, np.float32))
-    streamer = StreamingWindows(logmel, WindowGeometry(), norm)
+    streamer = StreamingWindows(logmel, WindowGeometry())
     tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(48_000) / 16_000).astype(np.float32)
     windows = streamer.push(np.concatenate([tone, np.zeros(48_000, np.float32)])).windows
     assert windows[0].level_dbfs == pytest.approx(10 * np.log10(0.125), abs=0.1)  # sine RMS 0.5/sqrt(2)
@@ -112,13 +112,14 @@ def test_streamed_scores_equal_anomalyd_score(
     offline = scorer.score_samples(Resampler(file_rate, 16_000)(file_samples, last=True)).window_errors
     np.testing.assert_allclose(scorer.score_file(path).window_errors, offline, rtol=1e-4, atol=1e-6)
     resampler = Resampler(file_rate, 16_000)
-    streamer = StreamingWindows(scorer.logmel, bundle.meta.window, bundle.meta.normalisation)
+    streamer = StreamingWindows(scorer.logmel, bundle.meta.window)
     store = TileStore(bundle.meta.window)
     streamed = []
     for i, block in enumerate(chunks(file_samples, seed=rate)):
         last = i == len(chunks(file_samples, seed=rate)) - 1
         step = streamer.push(resampler(block, last=last))
-        reconstruct_into(scorer.autoencoder, bundle.meta.window, [(store, t) for t in step.tiles], 3)
+        stores = [(store, t) for t in step.tiles]
+        reconstruct_into(scorer.autoencoder, bundle.meta.window, bundle.meta.normalisation, stores, 3)
         streamed += list(
             score_windows(bundle.meta.window, bundle.meta.residual, [(store, w) for w in step.windows])
         )
