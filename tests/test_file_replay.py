@@ -6,10 +6,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 import soundfile as sf
 
 from anomalyd.config import FileSource, HealthConfig
@@ -71,10 +73,30 @@ class Taker:
         self._thread.join(2.0)
 
 
-def test_many_fast_replays_arrive_whole_in_order_through_one_thread(tmp_path: Path) -> None:
-    reader = FileReader()
-    inbox: Inbox[str] = Inbox(max_blocks=50, stream_blocks=2, on_room=reader.room)
-    taker = Taker(inbox, pause=0.005)  # a worker slower than the reader: offers are refused, kept, retried
+Rig = Callable[..., tuple[FileReader, Inbox[str], Taker]]
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    """Makes a reader, an inbox that cues it, and a taker; stops them all after the test."""
+    made: list[tuple[FileReader, Inbox[str], Taker]] = []
+
+    def make(
+        max_blocks: int = 50, stream_blocks: int = 2, pause: float = 0.0
+    ) -> tuple[FileReader, Inbox[str], Taker]:
+        reader = FileReader()
+        inbox: Inbox[str] = Inbox(max_blocks=max_blocks, stream_blocks=stream_blocks, on_room=reader.room)
+        made.append((reader, inbox, Taker(inbox, pause)))
+        return made[-1]
+
+    yield make
+    for reader, _, taker in made:
+        taker.stop()
+        reader.close()
+
+
+def test_many_fast_replays_arrive_whole_in_order_through_one_thread(tmp_path: Path, rig: Rig) -> None:
+    reader, inbox, taker = rig(pause=0.005)  # a worker slower than the reader: offers refused, kept, retried
     audio = {f"s{i}": _write(tmp_path / f"s{i}.wav", 3.0 + 0.37 * i, seed=i) for i in range(40)}
     threads = threading.active_count()
     replays = [FileReplay(n, _source(tmp_path / f"{n}.wav", realtime=False), HEALTH, inbox.offer, reader)
@@ -88,8 +110,6 @@ def test_many_fast_replays_arrive_whole_in_order_through_one_thread(tmp_path: Pa
         np.testing.assert_array_equal(taker.samples(name), expected)  # nothing lost, nothing twice
         assert max(len(b.samples) for b in taker.audio[name]) == RATE  # 1 s blocks when taken fast
     assert all(r.closed.wait(2.0) for r in replays)  # an ended replay is closed
-    taker.stop()
-    reader.close()
 
 
 def test_a_stream_that_finds_no_room_holds_no_other_back(tmp_path: Path) -> None:
@@ -119,10 +139,8 @@ def test_a_stream_that_finds_no_room_holds_no_other_back(tmp_path: Path) -> None
     reader.close()
 
 
-def test_real_time_replay_hands_each_block_on_when_its_audio_has_ended(tmp_path: Path) -> None:
-    reader = FileReader()
-    inbox: Inbox[str] = Inbox(max_blocks=50, stream_blocks=50, on_room=reader.room)
-    taker = Taker(inbox)
+def test_real_time_replay_hands_each_block_on_when_its_audio_has_ended(tmp_path: Path, rig: Rig) -> None:
+    reader, inbox, taker = rig(50, 50)
     expected = _write(tmp_path / "a.wav", 1.5, seed=3)
     started = time.monotonic()
     FileReplay("a", _source(tmp_path / "a.wav", block_seconds=0.25), HEALTH, inbox.offer, reader).start()
@@ -133,14 +151,12 @@ def test_real_time_replay_hands_each_block_on_when_its_audio_has_ended(tmp_path:
     assert len(ends) == 6
     assert np.all(received >= ends - 0.02), (received, ends)  # never ahead of the audio
     assert received[-1] < ends[-1] + 1.0  # and not far behind it
-    taker.stop()
-    reader.close()
 
 
-def test_a_missing_or_broken_file_is_lost_retried_and_replayed_once_readable(tmp_path: Path) -> None:
-    reader = FileReader()
-    inbox: Inbox[str] = Inbox(max_blocks=50, stream_blocks=2, on_room=reader.room)
-    taker = Taker(inbox)
+def test_a_missing_or_broken_file_is_lost_retried_and_replayed_once_readable(
+    tmp_path: Path, rig: Rig
+) -> None:
+    reader, inbox, taker = rig(50, 2)
     path = tmp_path / "later.wav"
     other = _write(tmp_path / "other.wav", 2.0, seed=4)
     FileReplay("later", _source(path, realtime=False), HEALTH, inbox.offer, reader).start()
@@ -157,14 +173,10 @@ def test_a_missing_or_broken_file_is_lost_retried_and_replayed_once_readable(tmp
     taker.wait_for(lambda: taker.states("later")[-1:] == [SourceState.ENDED])
     assert taker.states("later")[-2:] == [SourceState.OK, SourceState.ENDED]
     np.testing.assert_array_equal(taker.samples("later"), expected)
-    taker.stop()
-    reader.close()
 
 
-def test_a_looped_file_broken_between_passes_is_lost_then_replayed_again(tmp_path: Path) -> None:
-    reader = FileReader()
-    inbox: Inbox[str] = Inbox(max_blocks=50, stream_blocks=2, on_room=reader.room)
-    taker = Taker(inbox, pause=0.05)
+def test_a_looped_file_broken_between_passes_is_lost_then_replayed_again(tmp_path: Path, rig: Rig) -> None:
+    reader, inbox, taker = rig(50, 2, 0.05)
     path = tmp_path / "loop.wav"
     _write(path, 1.0, seed=6)
     replay = FileReplay("loop", _source(path, realtime=False, loop=True), HEALTH, inbox.offer, reader)
@@ -177,14 +189,10 @@ def test_a_looped_file_broken_between_passes_is_lost_then_replayed_again(tmp_pat
     assert SourceState.ENDED not in taker.states("loop")
     replay.stop(1.0)
     assert replay.closed.is_set()
-    taker.stop()
-    reader.close()
 
 
-def test_stopping_is_prompt_and_nothing_is_handed_on_after(tmp_path: Path) -> None:
-    reader = FileReader()
-    inbox: Inbox[str] = Inbox(max_blocks=500, stream_blocks=2, on_room=reader.room)
-    taker = Taker(inbox)
+def test_stopping_is_prompt_and_nothing_is_handed_on_after(tmp_path: Path, rig: Rig) -> None:
+    reader, inbox, taker = rig(500, 2)
     _write(tmp_path / "a.wav", 2.0, seed=8)
     replays = [
         FileReplay(f"s{i}", _source(tmp_path / "a.wav", realtime=i % 2 == 0, loop=True), HEALTH,
@@ -203,5 +211,3 @@ def test_stopping_is_prompt_and_nothing_is_handed_on_after(tmp_path: Path) -> No
     counts = {name: len(blocks) for name, blocks in taker.audio.items()}
     time.sleep(0.5)
     assert {name: len(blocks) for name, blocks in taker.audio.items()} == counts
-    taker.stop()
-    reader.close()
