@@ -96,7 +96,7 @@ test-ha: $(STAMP) $(HA_STAMP)
 # The benchmark's models have the default architecture: the default (16-frame tiles, each frame
 # reconstructed once, int8), the same tiles in float32, and whole windows in float32 (the preset
 # configs/train-windows.toml: each frame four times). Weights do not change the speed, so a few epochs
-# on synthetic audio make them (about 30 s). The table takes about 7 minutes on 2 cores.
+# on synthetic audio make them (about 30 s). The whole takes about 6 minutes on 2 cores.
 BENCH := bench-out
 bench: $(STAMP)
 	$(BIN)/python -m fixtures.synth --out $(BENCH)/train --normal 20 --per-fault 0 --seed 0
