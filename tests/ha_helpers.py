@@ -42,6 +42,7 @@ http: {{server_host: 127.0.0.1, server_port: {port}}}
 """
 
 _ENTRY_START = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+ (\w+) ")
+_PATHS = re.compile(r"(?<!\S)/\S*")  # absolute file paths, which may hold any word (not MQTT topics)
 
 
 def venv_from_environment() -> Path | None:
@@ -218,9 +219,16 @@ class HomeAssistant:
         return entries
 
     def complaints(self, *needles: str) -> list[str]:
-        """Warnings and errors that mention any of `needles` (e.g. a logger name or a topic)."""
+        """Warnings and errors whose log line mentions any of `needles` (e.g. a logger name or a topic).
+
+        Only the line itself counts, file paths taken out: a traceback through a checkout or a venv whose
+        path holds a needle ("anomalyd") is not about it."""
+
+        def about(text: str) -> str:
+            return _PATHS.sub("", text.splitlines()[0] if text else "")
+
         return [text for level, text in self.log_entries()
-                if level in ("WARNING", "ERROR", "CRITICAL") and any(n in text for n in needles)]  # fmt: skip
+                if level in ("WARNING", "ERROR", "CRITICAL") and any(n in about(text) for n in needles)]  # fmt: skip
 
     # -- REST -----------------------------------------------------------------------------------------
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None, *, form: bool = False,
