@@ -211,3 +211,18 @@ def test_stopping_is_prompt_and_nothing_is_handed_on_after(tmp_path: Path, rig: 
     counts = {name: len(blocks) for name, blocks in taker.audio.items()}
     time.sleep(0.5)
     assert {name: len(blocks) for name, blocks in taker.audio.items()} == counts
+
+
+def test_when_the_pipeline_cannot_take_every_stream_no_stream_is_always_left_out(
+    tmp_path: Path, rig: Rig
+) -> None:
+    """30 looping files into an inbox that holds 10 blocks: the same streams used to get all the room."""
+    reader, inbox, taker = rig(10, 2, 0.02)
+    _write(tmp_path / "a.wav", 2.0, seed=9)
+    for i in range(30):
+        FileReplay(f"s{i}", _source(tmp_path / "a.wav", realtime=False, loop=True), HEALTH, inbox.offer,
+                   reader).start()  # fmt: skip
+    taker.wait_for(lambda: len(taker.audio) == 30, timeout=10.0)
+    time.sleep(1.0)
+    counts = [len(taker.audio[f"s{i}"]) for i in range(30)]
+    assert min(counts) >= max(counts) / 3, counts  # shared out, if not exactly evenly

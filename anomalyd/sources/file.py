@@ -83,7 +83,10 @@ class FileReader:
 
     def _run(self) -> None:
         ready: deque[FileReplay] = deque()  # to serve now
-        waiting: list[FileReplay] = []  # refused room; served again once there is room
+        # Refused room, served again once there is room: first those that handed nothing on last time, so
+        # that when the pipeline cannot take every stream's audio the same streams do not always miss out.
+        starved: list[FileReplay] = []
+        waiting: list[FileReplay] = []
         due: list[tuple[float, int, FileReplay]] = []  # (when, tie-break, replay): real-time blocks, retries
         order = itertools.count()
         while True:
@@ -95,13 +98,15 @@ class FileReader:
             for replay in stopped:
                 replay.close()
             if closing:
-                for replay in itertools.chain(ready, waiting, (r for _, _, r in due), added):
+                for replay in itertools.chain(ready, starved, waiting, (r for _, _, r in due), added):
                     replay.close()
                 return
             ready.extend(added)
             if self._room:
                 self._room = False
+                ready.extend(starved)
                 ready.extend(waiting)
+                starved.clear()
                 waiting.clear()
             now = time.monotonic()
             while due and due[0][0] <= now:
@@ -114,17 +119,17 @@ class FileReader:
                 if again is None:
                     replay.close()
                 elif again == ROOM:
-                    waiting.append(replay)
+                    (starved if replay.starved else waiting).append(replay)
                 else:
                     heapq.heappush(due, (again, next(order), replay))
             # A missed `room` cannot stall a replay for long: refused ones are tried again at least this
             # often.
-            timeout = 0.1 if waiting else 1.0
+            timeout = 0.1 if waiting or starved else 1.0
             if due:
                 timeout = min(timeout, due[0][0] - time.monotonic())
             if timeout > 0:
                 self._wake.wait(timeout)
-            if waiting and not self._wake.is_set():
+            if (waiting or starved) and not self._wake.is_set():
                 self._room = True
 
 
@@ -145,6 +150,7 @@ class FileReplay:
         self._pending: AudioBlock | None = None  # read, not yet handed on
         self._started = 0.0  # monotonic time of the pass's first sample (real time)
         self._passed = 0  # samples of this pass read so far
+        self.starved = False  # refused room in its last turn before handing anything on
 
     def start(self) -> None:
         self._reader.add(self)
@@ -170,7 +176,7 @@ class FileReplay:
     def _replay(self, now: float) -> float | None:
         """Reader thread: hand on what is due and fits; return when to be served again (a monotonic
         time, or ROOM), or None when the replay has ended."""
-        for _ in range(TURN_BLOCKS):
+        for handed in range(TURN_BLOCKS):
             if self._stopping.is_set():
                 return None
             retry = self._fill(now)
@@ -183,6 +189,7 @@ class FileReplay:
                     return at
             block = self._pending
             if not self._offer(AudioBlock(block.stream, block.samples, block.rate, time.monotonic())):
+                self.starved = handed == 0
                 return ROOM
             self._pending = None
         return now  # its turn is over: the other replays, and requests to stop, come first
