@@ -123,6 +123,10 @@ class StreamRuntime:
         self.samples_invalid = 0  # NaN, infinite or absurd samples, zeroed on entry
         # Audio time (UTC) of the end of the last window the worker has scored: lag is now minus this.
         self.scored_until: dt.datetime | None = None
+        # When the source last opened, plus one window: the first score is due then, so a stream whose
+        # audio the worker never gets to lags from that moment on, not silently.
+        self._first_due: dt.datetime | None = None
+        self._window = dt.timedelta(seconds=meta.features.n_samples(meta.window.n_frames) / model.rate)
 
     @property
     def name(self) -> str:
@@ -146,9 +150,10 @@ class StreamRuntime:
 
         None while nothing is being captured (lost, ended, not yet opened): that is a health matter.
         """
-        if self.scored_until is None or self.health.state in (None, SourceState.LOST, SourceState.ENDED):
+        if self.health.state in (None, SourceState.LOST, SourceState.ENDED):
             return None
-        return (now - self.scored_until).total_seconds()
+        since = max((t for t in (self.scored_until, self._first_due) if t is not None), default=None)
+        return None if since is None else max(0.0, (now - since).total_seconds())
 
     def feed(self, block: AudioBlock) -> Output:
         out = Output()
@@ -202,6 +207,7 @@ class StreamRuntime:
             )
         else:
             self._reanchor = True
+            self._first_due = utc_now() + self._window
         change = self.health.source_reports(notice.state, notice.detail)
         if change:
             out.statuses.append(self._status(*change))

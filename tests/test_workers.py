@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from anomalyd.config import load_config
+from anomalyd.features import FeatureParams
 from anomalyd.pipeline import STREAMS_PER_WORKER, Pipeline, worker_count
-from anomalyd.records import SourceState
+from anomalyd.records import SourceState, utc_now
+from anomalyd.sources.base import SourceNotice
 from anomalyd.store import StoreWriter, read_events
+from anomalyd.stream import Model, StreamRuntime
 from tests.daemon_helpers import write_config, write_recording
 
 
@@ -108,3 +112,23 @@ def test_a_reload_on_several_workers_adds_restarts_and_removes_streams(
     finally:
         assert pipeline.stop(5.0)
         store.stop(5.0)
+
+
+def test_a_stream_whose_audio_is_never_scored_lags_from_its_first_window_on(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """A stream whose source opened but whose audio the worker never got to used to show no lag at all."""
+    config = load_config(write_config(tmp_path / "d.toml", bundle_dir, {"fan": {"path": "x.wav"}}))
+    runtime = StreamRuntime(
+        config.streams[0], Model.load(bundle_dir, threads=1), "n", config.health, config.storage.clips
+    )
+    now = utc_now()
+    assert runtime.lag_seconds(now) is None  # nothing opened: a health matter
+    runtime.notice(SourceNotice("fan", SourceState.OK, "opened"))
+    assert runtime.lag_seconds(utc_now()) == 0.0  # the first window is not due yet
+    window = FeatureParams().n_samples(64) / 16_000
+    lag = runtime.lag_seconds(utc_now() + dt.timedelta(seconds=20))
+    assert lag is not None
+    assert 20 - window <= lag < 20 - window + 1
+    runtime.notice(SourceNotice("fan", SourceState.LOST, "unplugged"))
+    assert runtime.lag_seconds(utc_now() + dt.timedelta(seconds=20)) is None
