@@ -130,6 +130,8 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "architecture": meta.architecture,
         # Bundles before int8 models record no precision: they are all float32.
         "precision": str(_dict(meta.export).get("precision", "float32")),
+        # precision "auto" exported float32 because the int8 model strayed this far (relative rms).
+        "int8_refused": _dict(meta.export).get("int8_refused_relative_rms_error"),
         "versions": meta.versions,
     }
 
@@ -164,6 +166,13 @@ def _calibration_lines(cal: dict[str, Any] | None) -> list[str]:
             f"median delay {a['median_delay_seconds']} s"
         )
     return lines
+
+
+def _precision(info: dict[str, Any]) -> str:
+    refused = info.get("int8_refused")
+    if isinstance(refused, int | float):
+        return f"{info['precision']} (int8 refused: {refused:.1%} rms from float32, over 10 %)"
+    return str(info["precision"])
 
 
 def _model_line(arch: dict[str, Any], window: dict[str, Any]) -> str:
@@ -212,7 +221,7 @@ def format_info(info: dict[str, Any]) -> str:
         f"                window {th['window_value']:.5f} = {th['window_mean']:.5f} + {th['k']:g} x "
         f"{th['window_std']:.5f} ({th['n_windows']} validation windows; the daemon's rule)",
         *_calibration_lines(info["calibration"]),
-        f"model           {_model_line(info['architecture'], w)}, {info['precision']}",
+        f"model           {_model_line(info['architecture'], w)}, {_precision(info)}",
         f"fine-tuned from {info['parent_model_id'] or '- (trained from scratch)'}",
         "versions        " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
     ]

@@ -131,6 +131,10 @@ def test_auto_falls_back_to_float32_where_int8_is_off_and_int8_asked_for_fails(
     assert meta["parity_max_abs_diff"] <= 1e-4
     assert meta["int8_refused_relative_rms_error"] > 0
     assert "exported in float32 instead" in caplog.text
+    model_line = next(line for line in format_info(describe(load_bundle(tmp_path / "auto"))).splitlines()
+                      if line.startswith("model   "))  # fmt: skip
+    assert ", float32 (int8 refused: " in model_line
+    assert model_line.endswith("rms from float32, over 10 %)")
     assert train.main([*options, "--out", str(tmp_path / "int8"), "--precision", "int8"]) == 2
     assert "export it with precision float32" in caplog.text
     assert not (tmp_path / "int8").exists()
