@@ -57,22 +57,19 @@ class Inbox(Generic[Control]):
 
     def put_nowait(self, message: SourceMessage) -> bool:
         """Never waits; False (the block is not kept) when `max_blocks` audio blocks are waiting."""
-        with self._lock:
-            if isinstance(message, AudioBlock):
-                if self._blocks >= self.max_blocks:
-                    return False
-                self._count(message)
-            self._items.append(message)
-            self._ready.notify()
-            return True
+        return self._put(message, replay=False)
 
     def offer(self, message: SourceMessage) -> bool:
         """Never waits; False (the block is not kept) while the stream has `stream_blocks` (or the inbox
         `max_blocks`) audio blocks waiting. `on_room` is called once the worker has taken them."""
+        return self._put(message, replay=True)
+
+    def _put(self, message: SourceMessage, replay: bool) -> bool:
         with self._lock:
             if isinstance(message, AudioBlock):
-                if not self._room_for(message):
-                    self._refused = True
+                fits = self._room_for(message) if replay else self._blocks < self.max_blocks
+                if not fits:
+                    self._refused = self._refused or replay
                     return False
                 self._count(message)
             self._items.append(message)
