@@ -132,6 +132,8 @@ def describe(bundle: Bundle) -> dict[str, Any]:
         "precision": str(_dict(meta.export).get("precision", "float32")),
         # precision "auto" exported float32 because the int8 model strayed this far (relative rms).
         "int8_refused": _dict(meta.export).get("int8_refused_relative_rms_error"),
+        # "channels-last" (training/channels_last.py) or "quantised"; absent before that rebuild existed.
+        "int8_graph": _dict(meta.export).get("int8_graph"),
         "versions": meta.versions,
     }
 
@@ -172,7 +174,8 @@ def _precision(info: dict[str, Any]) -> str:
     refused = info.get("int8_refused")
     if isinstance(refused, int | float):
         return f"{info['precision']} (int8 refused: {refused:.1%} rms from float32, over 10 %)"
-    return str(info["precision"])
+    graph = info.get("int8_graph")
+    return f"{info['precision']} ({graph} graph)" if isinstance(graph, str) else str(info["precision"])
 
 
 def _model_line(arch: dict[str, Any], window: dict[str, Any]) -> str:

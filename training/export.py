@@ -193,11 +193,15 @@ def _export_model(inp: ExportInputs, path: Path) -> tuple[Autoencoder, dict[str,
     if inp.precision in ("int8", "auto"):
         if inp.calibration is None:
             raise BundleError("an int8 export needs calibration inputs")
-        export_int8(inp.model, n_mels, frames, inp.calibration, path)
+        graph = export_int8(inp.model, n_mels, frames, inp.calibration, path)
         runtime = Autoencoder(path, n_mels, frames)
         relative = int8_error(inp.model, runtime, inp.parity_windows)
         if relative <= INT8_TOLERANCE:
-            fidelity = {"int8_relative_rms_error": relative, "calibration_inputs": len(inp.calibration)}
+            fidelity = {
+                "int8_relative_rms_error": relative,
+                "calibration_inputs": len(inp.calibration),
+                "int8_graph": graph,
+            }
             return runtime, {"precision": "int8", **fidelity}
         problem = f"the int8 model differs from torch by {relative:.1%} rms (tolerance {INT8_TOLERANCE:.0%})"
         if inp.precision == "int8":
