@@ -88,7 +88,10 @@ class InferenceConfig(_Section):
     max_batch: int = Field(64, ge=1, le=4096, description="windows per ONNX Runtime call, across streams")
     threads: int = Field(1, ge=1, le=64, description="ONNX Runtime threads per model")
     workers: int = Field(
-        0, ge=0, le=64, description="worker threads, each taking a share of the streams; 0: one per 256"
+        0,
+        ge=0,
+        le=64,
+        description="worker threads, each taking a share of the streams; 0: as the measured load needs",
     )  # 0: never more than the cores the daemon may run on
     max_lag_seconds: float = Field(
         5.0, ge=0.5, le=3600, description="scores trailing their audio by more than this = stream lagging"

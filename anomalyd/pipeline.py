@@ -1,27 +1,27 @@
 """The pipeline: sources -> workers (features, batched ONNX Runtime, detectors) -> the store's writer.
 
 Each stream belongs to one worker thread (anomalyd/worker.py), which owns its state; the pipeline
-routes every source's audio and notices to the stream's worker. One worker carries a few hundred
-real-time streams; with more streams it takes more workers, one per `STREAMS_PER_WORKER` streams up to
-one per CPU core (`inference.workers` sets the number). ONNX Runtime and numpy's larger steps leave the
-interpreter free while they run, so workers share the cores. A box that still cannot keep up says so:
+routes every source's audio and notices to the stream's worker. Each bundle's cost per stream is measured
+when it is loaded (anomalyd/capacity.py); the streams take as many workers as their summed cost needs, up
+to one per CPU core (`inference.workers` sets the number), and each new stream goes to the worker with the
+least load. ONNX Runtime and numpy's larger steps leave the interpreter free while they run, so workers
+share the cores. A box that still cannot keep up says so:
 each stream's lag, and the streams lagging, are in the status, the log and MQTT.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 from threadpoolctl import threadpool_limits
 
+from anomalyd.capacity import worker_count
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
 from anomalyd.latency import LatencyRecord
@@ -35,8 +35,6 @@ from anomalyd.tap import AudioTap, StreamSource
 from anomalyd.worker import EventSink, Worker
 
 logger = logging.getLogger(__name__)
-
-STREAMS_PER_WORKER = 256  # with inference.workers = 0: a worker for each this many streams
 
 
 class Source(Protocol):
@@ -53,14 +51,6 @@ def source_key(stream: StreamConfig) -> str:
     return f"file:{stream.name}"
 
 
-def worker_count(setting: int, streams: int) -> int:
-    """inference.workers, or for 0 one per STREAMS_PER_WORKER streams, at most one per usable core."""
-    if setting:
-        return setting
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cores, math.ceil(streams / STREAMS_PER_WORKER)))
-
-
 class Pipeline:
     def __init__(
         self, sink: EventSink, mic_io: MicIO | None = None, score_interval: float | None = None
@@ -68,6 +58,7 @@ class Pipeline:
         self._sink = sink
         self._workers: list[Worker] = []
         self._placement: dict[str, Worker] = {}  # stream -> its worker; replaced whole, never changed
+        self._costs: dict[str, float] = {}  # stream -> cores it takes (anomalyd/capacity.py)
         self._sources: dict[str, Source] = {}
         self._source_members: dict[str, tuple[StreamConfig, ...]] = {}
         self._host = PortAudioHost()
@@ -133,10 +124,10 @@ class Pipeline:
 
     # ---- lifecycle -----------------------------------------------------------------------------------
 
-    def _add_workers(self, setting: int, streams: int) -> list[Worker]:
+    def _add_workers(self, setting: int, load: float) -> list[Worker]:
         """New workers (not started) up to worker_count(...); a reload never takes one away."""
         new = []
-        while len(self._workers) < worker_count(setting, streams):
+        while len(self._workers) < worker_count(setting, load):
             worker = Worker(
                 "worker" if not self._workers else f"worker-{len(self._workers) + 1}", self._sink,
                 tap=self.tap, latency=self.latency, events_started=self.events_started,
@@ -151,15 +142,23 @@ class Pipeline:
         return self.config.inference.max_batch if self.config else 64
 
     def _place(self, names: Iterable[str], kept: dict[str, Worker]) -> dict[str, Worker]:
-        """`kept`, plus each of `names` it lacks on the worker with the fewest streams at that point."""
+        """`kept`, plus each of `names` it lacks on the worker with the least load (the summed costs of its
+        streams) at that point."""
         placement = dict(kept)
-        load = Counter(id(w) for w in placement.values())
+        load: defaultdict[int, float] = defaultdict(float)
+        for name, worker in placement.items():
+            load[id(worker)] += self._costs[name]
         for name in names:
             if name not in placement:
                 worker = min(self._workers, key=lambda w: load[id(w)])
                 placement[name] = worker
-                load[id(worker)] += 1
+                load[id(worker)] += self._costs[name]
         return placement
+
+    def _cost(self, config: DaemonConfig, models: dict[Path, Model]) -> float:
+        """Each stream's cost noted, for placing it; the streams' summed cost, in cores."""
+        self._costs = {s.name: models[s.bundle].cost for s in config.streams}
+        return sum(self._costs.values())
 
     def start(self, config: DaemonConfig) -> None:
         """Load all bundles (fatal if any is bad), then start the workers and every source."""
@@ -169,13 +168,19 @@ class Pipeline:
         # is its worker threads and ONNX Runtime's (inference.threads).
         threadpool_limits(limits=1, user_api="blas")
         self.config = config
-        self._add_workers(config.inference.workers, len(config.streams))
+        load = self._cost(config, models)
+        self._add_workers(config.inference.workers, load)
         placement = self._place((s.name for s in config.streams), {})
         self._placement = placement
         for worker in self._workers:
             mine = [s for s in config.streams if placement[s.name] is worker]
             worker.start([self._runtime(s, models[s.bundle], config) for s in mine])
-        logger.info("%d stream(s) on %d worker(s)", len(config.streams), len(self._workers))
+        logger.info(
+            "%d stream(s) on %d worker(s); measured load %.2f core(s)",
+            len(config.streams),
+            len(self._workers),
+            load,
+        )
         for key, members in self._group(config).items():
             self._start_source(key, members, config)
 
@@ -215,7 +220,7 @@ class Pipeline:
         changes += [f"stopped {n}" for n in remove if n not in {r.name for r in add}]
         changes += [f"{'restarted' if r.name in old else 'added'} {r.name}" for r in add]
         # [inference] takes effect at a restart; with workers = 0, more streams still get more workers.
-        for worker in self._add_workers(self.config.inference.workers, len(config.streams)):
+        for worker in self._add_workers(self.config.inference.workers, self._cost(config, models)):
             worker.start([])
         old_placement = self._placement
         # A restarted stream stays with its worker (so that the worker ends it before starting it anew).

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from anomalyd.bundle import Bundle, load_bundle
+from anomalyd.capacity import stream_cost
 from anomalyd.clips import ClipRecorder
 from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
@@ -40,12 +41,14 @@ class Model:
     bundle: Bundle
     logmel: LogMel
     autoencoder: Autoencoder
+    cost: float  # cores one real-time stream of it takes here (anomalyd/capacity.py)
 
     @classmethod
     def load(cls, path: Path, threads: int) -> Model:
         bundle = load_bundle(path)
         meta = bundle.meta
-        return cls(bundle, LogMel(meta.features, bundle.filterbank), open_autoencoder(bundle, threads))
+        logmel, autoencoder = LogMel(meta.features, bundle.filterbank), open_autoencoder(bundle, threads)
+        return cls(bundle, logmel, autoencoder, stream_cost(logmel, autoencoder, meta.window))
 
     @property
     def rate(self) -> int:

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from anomalyd.capacity import WORKER_SHARE, worker_count
 from anomalyd.config import load_config
 from anomalyd.features import FeatureParams
-from anomalyd.pipeline import STREAMS_PER_WORKER, Pipeline, worker_count
+from anomalyd.pipeline import Pipeline
 from anomalyd.records import SourceState, utc_now
 from anomalyd.sources.base import SourceNotice
 from anomalyd.store import StoreWriter, read_events
@@ -19,13 +20,15 @@ from anomalyd.stream import Model, StreamRuntime
 from tests.daemon_helpers import write_config, write_recording
 
 
-def test_worker_count_is_the_setting_or_one_per_share_of_streams_within_the_cores() -> None:
+def test_worker_count_is_the_setting_or_one_per_share_of_load_within_the_cores() -> None:
     cores = len(os.sched_getaffinity(0))
-    assert worker_count(3, 1) == 3
-    assert worker_count(0, 1) == 1
-    assert worker_count(0, STREAMS_PER_WORKER) == 1
-    assert worker_count(0, STREAMS_PER_WORKER + 1) == min(2, cores)
-    assert worker_count(0, 1000 * STREAMS_PER_WORKER) == cores
+    assert worker_count(3, 0.01) == 3
+    assert worker_count(3, 100.0) == 3
+    assert worker_count(0, 0.0) == 1
+    assert worker_count(0, 0.01) == 1
+    assert worker_count(0, WORKER_SHARE) == 1
+    assert worker_count(0, WORKER_SHARE * 1.01) == min(2, cores)
+    assert worker_count(0, 1000 * WORKER_SHARE) == cores
 
 
 def _events(folder: Path, bundle: Path, recordings: dict[str, Path], workers: int) -> set[tuple[object, ...]]:

@@ -1,0 +1,74 @@
+"""How many workers: each bundle's measured cost per stream, and streams placed by load (anomalyd/capacity.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from anomalyd import capacity
+from anomalyd.config import load_config
+from anomalyd.pipeline import Pipeline
+from anomalyd.store import StoreWriter
+from anomalyd.stream import Model
+from tests.daemon_helpers import write_config, write_recording
+
+
+def test_a_whole_window_float_model_costs_several_times_a_tile_int8_one(
+    bundle_dir: Path, window_bundle_dir: Path
+) -> None:
+    """Measured, not assumed: the default tiles reconstruct each frame once, whole windows four times."""
+    tiles = Model.load(bundle_dir, threads=1).cost
+    windows = Model.load(window_bundle_dir, threads=1).cost
+    assert 0 < tiles < capacity.WORKER_SHARE / 10  # a worker carries many streams of the small test model
+    assert windows > 2 * tiles
+
+
+def _pipeline(tmp_path: Path, bundles: dict[str, Path]) -> tuple[Pipeline, StoreWriter]:
+    normal = write_recording(tmp_path / "normal.wav", "normal", 30.0)
+    streams: dict[str, dict[str, object]] = {
+        name: {"path": str(normal), "realtime": True, "loop": True} for name in bundles
+    }
+    first = next(iter(bundles.values()))
+    path = write_config(tmp_path / "d.toml", first, streams)
+    text = path.read_text()
+    for name, bundle in bundles.items():  # each stream its own bundle
+        text = text.replace(f'name = "{name}"\nbundle = "{first}"', f'name = "{name}"\nbundle = "{bundle}"')
+    path.write_text(text)
+    config = load_config(path)
+    assert [s.bundle for s in config.streams] == list(bundles.values())
+    store = StoreWriter(config.storage)
+    store.start()
+    pipeline = Pipeline(store)
+    pipeline.start(config)
+    return pipeline, store
+
+
+def test_streams_take_the_workers_their_load_needs_and_each_goes_where_the_load_is_least(
+    bundle_dir: Path, window_bundle_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a worker planned for a whole-window stream's cost, one whole-window stream and two tile streams
+    (each under half of it) take two workers; the costly stream is alone on its worker, the cheap ones
+    together."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two usable cores")
+    monkeypatch.setattr(capacity, "WORKER_SHARE", Model.load(window_bundle_dir, threads=1).cost)
+    bundles = {"w": window_bundle_dir, "t1": bundle_dir, "t2": bundle_dir}
+    pipeline, store = _pipeline(tmp_path, bundles)
+    try:
+        assert pipeline.workers == 2
+        placement = pipeline._placement
+        assert placement["t1"] is placement["t2"] is not placement["w"]
+    finally:
+        assert pipeline.stop(5.0)
+        store.stop(5.0)
+
+
+def test_a_light_load_keeps_one_worker(bundle_dir: Path, tmp_path: Path) -> None:
+    pipeline, store = _pipeline(tmp_path, {f"s{i}": bundle_dir for i in range(6)})
+    try:
+        assert pipeline.workers == 1
+    finally:
+        assert pipeline.stop(5.0)
+        store.stop(5.0)
