@@ -18,7 +18,7 @@ from anomalyd.config import FileSource, HealthConfig
 from anomalyd.inbox import Inbox
 from anomalyd.records import SourceState
 from anomalyd.sources.base import AudioBlock, SourceMessage, SourceNotice
-from anomalyd.sources.file import FileReader, FileReplay
+from anomalyd.sources.file import FAST_BLOCK_SECONDS, FileReader, FileReplay
 
 RATE = 16_000
 HEALTH = HealthConfig(retry_initial_seconds=0.1, retry_max_seconds=0.2)
@@ -108,7 +108,8 @@ def test_many_fast_replays_arrive_whole_in_order_through_one_thread(tmp_path: Pa
     for name, expected in audio.items():
         assert taker.states(name) == [SourceState.OK, SourceState.ENDED]
         np.testing.assert_array_equal(taker.samples(name), expected)  # nothing lost, nothing twice
-        assert max(len(b.samples) for b in taker.audio[name]) == RATE  # 1 s blocks when taken fast
+        # FAST_BLOCK_SECONDS blocks when taken fast
+        assert max(len(b.samples) for b in taker.audio[name]) == int(FAST_BLOCK_SECONDS * RATE)
     assert all(r.closed.wait(2.0) for r in replays)  # an ended replay is closed
 
 

@@ -34,8 +34,8 @@ from anomalyd.sources.base import AudioBlock, Backoff, Offer, SourceNotice
 
 logger = logging.getLogger(__name__)
 
-# Taken as fast as the pipeline takes it, a file is read this much at a time: fewer steps per second of
-# audio, and no more than the worker merges into one step anyway.
+# Taken as fast as the pipeline takes it, a file is read this much at a time: fewer reads and worker
+# steps per second of audio, and no more than the worker merges into one step anyway.
 FAST_BLOCK_SECONDS = MAX_MERGED_SECONDS
 ROOM = math.inf  # `FileReplay._replay`: serve again once the pipeline has room
 # Blocks one replay hands on in a turn: a sink that always has room must not keep the reader to one file.
