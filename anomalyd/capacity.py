@@ -3,8 +3,10 @@
 A fixed number of streams per worker is wrong both ways: the default model (16-frame int8 tiles) costs a
 third of a whole-window float32 model per stream, and a Raspberry-class core is several times slower than
 a server's. So when a bundle is loaded, its log-mel and its model are timed here (a few milliseconds of
-CPU), and a stream of it counts as that much of a core. The daemon plans a worker for at most
-WORKER_SHARE of a core of such load, up to one worker per core (docs/benchmarks.md).
+CPU), and a stream of it counts as that much of a core, plus a share for each step its source's blocks
+make the worker take: a capture stream's 0.1 s blocks are ten steps a second, each with its fixed work
+(calls, objects, a short log-mel), where a fast file replay takes one step every 2 s. The daemon plans a
+worker for at most WORKER_SHARE of a core of such load, up to one worker per core (docs/benchmarks.md).
 
 Fewer workers are also cheaper per stream: workers share the interpreter, and two busy ones hand it to
 each other at every step, which cost 10-15 % more CPU per second of audio at 512 streams on this
@@ -17,17 +19,25 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
+from anomalyd.config import FileSource, StreamConfig
 from anomalyd.features import LogMel
 from anomalyd.inference import Autoencoder
+from anomalyd.sources.file import FAST_BLOCK_SECONDS
 from anomalyd.windows import WindowGeometry
 
-# A worker's CPU per second of audio (windows, detectors, health, bookkeeping besides log-mel and model)
-# over the parts as timed here: 1.2 for the default model at 128 streams, 1.1 for whole windows in float32
-# (make bench, 2026-11-23). The file reader, the store's writer and the main thread are not the workers'.
-PIPELINE_FACTOR = 1.25
+# A worker's CPU per second of audio over the parts as timed here (single calls, so dearer than in the
+# worker's batches, which is why this is about 1), and the fixed work of one step as a multiple of
+# log-mel's time for a second of audio (both Python- and numpy-call-bound, so they scale alike from box to
+# box). Fitted on this project's 2-core test machine, 2026-11-23: a worker spent 0.65-0.72 ms of CPU per
+# second of audio with 128 fast replays (a step every 2 s) and 3.4 ms with 128 capture streams of 0.1 s
+# blocks, for 0.6 ms of parts and 0.2 ms of log-mel as timed here. The file reader, the store's writer and
+# the main thread are not the workers'.
+PIPELINE_FACTOR = 1.0
+STEP_FACTOR = 1.3
 # A worker is planned for at most this share of a core: the rest absorbs catch-up after an outage, bursts of
 # events and clips, and other work on the box.
 WORKER_SHARE = 0.5
@@ -49,8 +59,21 @@ def _cpu_seconds(step: Callable[[], object]) -> float:
     return best
 
 
-def stream_cost(logmel: LogMel, autoencoder: Autoencoder, geometry: WindowGeometry) -> float:
-    """Cores that one real-time stream of this model takes: CPU seconds per second of its audio."""
+@dataclass(frozen=True)
+class Cost:
+    """What one real-time stream of a model takes of a core: CPU seconds per second of its audio, and per
+    step the worker takes for it."""
+
+    audio: float
+    step: float
+
+    def of(self, block_seconds: float) -> float:
+        """Cores that a stream whose steps hold `block_seconds` of audio takes."""
+        return self.audio + self.step / block_seconds
+
+
+def stream_cost(logmel: LogMel, autoencoder: Autoencoder, geometry: WindowGeometry) -> Cost:
+    """A stream of this model, timed on this machine."""
     p = logmel.params
     rng = np.random.default_rng(0)
     audio = (0.1 * rng.standard_normal(p.sample_rate + p.n_fft)).astype(np.float32)
@@ -58,7 +81,16 @@ def stream_cost(logmel: LogMel, autoencoder: Autoencoder, geometry: WindowGeomet
     features = _cpu_seconds(lambda: logmel(audio))
     per_input = _cpu_seconds(lambda: autoencoder.reconstruct(inputs)) / _BATCH
     inputs_per_second = p.sample_rate / (geometry.tile_hop * p.hop_length)
-    return PIPELINE_FACTOR * (features + inputs_per_second * per_input)
+    return Cost(PIPELINE_FACTOR * (features + inputs_per_second * per_input), STEP_FACTOR * features)
+
+
+def step_seconds(stream: StreamConfig) -> float:
+    """Audio in each of the stream's worker steps: its source's blocks, or for a file taken as fast as it
+    goes, the larger blocks it is then read in."""
+    source = stream.source
+    if isinstance(source, FileSource) and not source.realtime:
+        return max(source.block_seconds, FAST_BLOCK_SECONDS)
+    return source.block_seconds
 
 
 def worker_count(setting: int, load: float) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from anomalyd.bundle import Bundle, load_bundle
-from anomalyd.capacity import stream_cost
+from anomalyd.capacity import Cost, stream_cost
 from anomalyd.clips import ClipRecorder
 from anomalyd.config import ClipsConfig, HealthConfig, StreamConfig
 from anomalyd.detector import Detector, Phase, Transition, WindowScore
@@ -41,7 +41,7 @@ class Model:
     bundle: Bundle
     logmel: LogMel
     autoencoder: Autoencoder
-    cost: float  # cores one real-time stream of it takes here (anomalyd/capacity.py)
+    cost: Cost  # what one real-time stream of it takes of a core here (anomalyd/capacity.py)
 
     @classmethod
     def load(cls, path: Path, threads: int) -> Model:

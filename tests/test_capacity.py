@@ -10,6 +10,7 @@ import pytest
 from anomalyd import capacity
 from anomalyd.config import load_config
 from anomalyd.pipeline import Pipeline
+from anomalyd.sources.file import FAST_BLOCK_SECONDS
 from anomalyd.store import StoreWriter
 from anomalyd.stream import Model
 from tests.daemon_helpers import write_config, write_recording
@@ -21,8 +22,10 @@ def test_a_whole_window_float_model_costs_several_times_a_tile_int8_one(
     """Measured, not assumed: the default tiles reconstruct each frame once, whole windows four times."""
     tiles = Model.load(bundle_dir, threads=1).cost
     windows = Model.load(window_bundle_dir, threads=1).cost
-    assert 0 < tiles < capacity.WORKER_SHARE / 10  # a worker carries many streams of the small test model
-    assert windows > 2 * tiles
+    assert 0 < tiles.of(2.0) < capacity.WORKER_SHARE / 10  # a worker carries many of the small test model
+    assert windows.of(2.0) > 2 * tiles.of(2.0)
+    # The same model's capture stream, ten steps a second, costs more than its fast replay, one every 2 s.
+    assert tiles.of(0.1) > tiles.of(2.0) > 0
 
 
 def _pipeline(tmp_path: Path, bundles: dict[str, Path]) -> tuple[Pipeline, StoreWriter]:
@@ -35,6 +38,8 @@ def _pipeline(tmp_path: Path, bundles: dict[str, Path]) -> tuple[Pipeline, Store
     text = path.read_text()
     for name, bundle in bundles.items():  # each stream its own bundle
         text = text.replace(f'name = "{name}"\nbundle = "{first}"', f'name = "{name}"\nbundle = "{bundle}"')
+    # Steps of 2 s: the models' own costs, not the steps', tell the streams apart.
+    text = text.replace("loop = true", "loop = true\nblock_seconds = 2.0")
     path.write_text(text)
     config = load_config(path)
     assert [s.bundle for s in config.streams] == list(bundles.values())
@@ -53,7 +58,7 @@ def test_streams_take_the_workers_their_load_needs_and_each_goes_where_the_load_
     together."""
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two usable cores")
-    monkeypatch.setattr(capacity, "WORKER_SHARE", Model.load(window_bundle_dir, threads=1).cost)
+    monkeypatch.setattr(capacity, "WORKER_SHARE", Model.load(window_bundle_dir, threads=1).cost.of(2.0))
     bundles = {"w": window_bundle_dir, "t1": bundle_dir, "t2": bundle_dir}
     pipeline, store = _pipeline(tmp_path, bundles)
     try:
@@ -72,3 +77,20 @@ def test_a_light_load_keeps_one_worker(bundle_dir: Path, tmp_path: Path) -> None
     finally:
         assert pipeline.stop(5.0)
         store.stop(5.0)
+
+
+def test_a_capture_stream_s_small_steps_count_for_more_than_a_fast_replay_s(
+    bundle_dir: Path, tmp_path: Path
+) -> None:
+    """Ten steps a second, each with its fixed work: 128 capture streams of 0.1 s blocks cost the worker
+    about five times what 128 fast replays of the same model cost per second of audio (docs/benchmarks.md),
+    and 512 of them on one worker fell behind."""
+    streams: dict[str, dict[str, object]] = {
+        "live": {"path": "a.wav", "realtime": True},
+        "fast": {"path": "a.wav", "realtime": False},
+    }
+    live, fast = load_config(write_config(tmp_path / "d.toml", bundle_dir, streams)).streams
+    assert capacity.step_seconds(live) == 0.1
+    assert capacity.step_seconds(fast) == FAST_BLOCK_SECONDS
+    cost = Model.load(bundle_dir, threads=1).cost
+    assert cost.of(capacity.step_seconds(live)) > 2 * cost.of(capacity.step_seconds(fast))
