@@ -2,7 +2,7 @@
 
 ALSA's file plugin hands over a raw file as fast as it is read and, past its end, stale buffer data; so
 this harness lets each stream's first `seconds` of audio into the real pipeline and nothing after it.
-Usage: python -m tests.capture_probe CONFIG SECONDS. Prints one JSON object: events, statuses, opens.
+Usage: python -m tests.capture_probe CONFIG SECONDS. Prints one JSON object: events, statuses, opens, scored, workers.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> int:
         "statuses": statuses,
         "opens": opens,
         "scored": pipeline.windows_scored,
+        "workers": len(pipeline._workers),
     }))  # fmt: skip
     return 0
 

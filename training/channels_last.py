@@ -147,7 +147,7 @@ class _Builder:
         new = [self.const("w", w), self.const("w_scale", w_scale), self.const("w_zero", w_zero)]
         y_scale, y_zero = (self.const("y", self.values[n]) for n in y)
         x_scale, x_zero = (self.const("x", self.values[ins[i]]) for i in (1, 2))
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "auto_pad"}
+        attrs = {k: v for k, v in _attrs(node).items() if k != "auto_pad"}
         inputs = [x, x_scale, x_zero, *new, y_scale, y_zero, self.const("bias", bias)]
         return self.node("QLinearConv", inputs, "qconv", {**attrs, "channels_last": 1}, MS_DOMAIN)
 

@@ -48,7 +48,7 @@ from anomalyd.residual import ResidualStats
 from anomalyd.scoring import ClipScorer
 from anomalyd.windows import Normalisation, WindowGeometry
 from training.dataset import Clip
-from training.model import Architecture, ConvAutoencoder
+from training.model import Architecture, ConvAutoencoder, reconstruct
 from training.quantise import export_int8
 
 logger = logging.getLogger(__name__)
@@ -106,16 +106,9 @@ def export_onnx(model: ConvAutoencoder, n_mels: int, n_frames: int, path: Path) 
     onnx.save(graph, str(path))
 
 
-def _torch_output(model: ConvAutoencoder, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    model.eval()
-    with torch.no_grad():
-        out = model(torch.from_numpy(np.ascontiguousarray(windows))[:, None])[:, 0].numpy()
-    return np.asarray(out, dtype=np.float32)
-
-
 def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
     """Max abs difference between torch and ONNX Runtime reconstructions; raises above the tolerance."""
-    diff = float(np.max(np.abs(runtime.reconstruct(windows) - _torch_output(model, windows))))
+    diff = float(np.max(np.abs(runtime.reconstruct(windows) - reconstruct(model, windows))))
     if not diff <= PARITY_TOLERANCE:
         raise BundleError(f"ONNX export differs from torch by {diff:.2e} (tolerance {PARITY_TOLERANCE:.0e})")
     return diff
@@ -123,7 +116,7 @@ def check_parity(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDAr
 
 def int8_error(model: ConvAutoencoder, runtime: Autoencoder, windows: npt.NDArray[np.float32]) -> float:
     """The int8 model's rms difference from torch's reconstructions, relative to their rms."""
-    expected = _torch_output(model, windows)
+    expected = reconstruct(model, windows)
     error = float(np.sqrt(np.mean((runtime.reconstruct(windows) - expected) ** 2)))
     return round(error / max(float(np.sqrt(np.mean(expected**2))), 1e-12), 5)
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -70,3 +72,11 @@ def active_code_share(model: ConvAutoencoder, batches: Iterable[torch.Tensor]) -
             active += int((code > 0).sum())
             total += code.numel()
     return active / total if total else 0.0
+
+
+def reconstruct(model: ConvAutoencoder, windows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """torch's reconstructions of (n, n_mels, n_frames) windows: what an exported model is held to."""
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.from_numpy(np.ascontiguousarray(windows))[:, None])[:, 0].numpy()
+    return np.asarray(out, dtype=np.float32)

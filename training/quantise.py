@@ -43,7 +43,7 @@ from onnxruntime.quantization import (
 from torch import nn
 
 from training.channels_last import channels_last
-from training.model import ConvAutoencoder
+from training.model import ConvAutoencoder, reconstruct
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ def rebuild_holds(
     """Whether `rebuilt` reconstructs `inputs` as closely to `model` as the quantised graph does (its one
     rounding fewer makes it, if anything, closer), and finite. A rebuild that mixed up channels is far off."""
     windows = inputs[:, None]
-    model.eval()
-    with torch.no_grad():
-        expected = model(torch.from_numpy(np.ascontiguousarray(windows))).numpy()
+    expected = reconstruct(model, inputs)[:, None]
     before = _session(quantised.read_bytes()).run(None, {"windows": windows})[0]
     after = _session(rebuilt.SerializeToString()).run(None, {"windows": windows})[0]
     if after.shape != expected.shape or not np.all(np.isfinite(after)):
