@@ -33,7 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from anomalyd.bench_limits import limits
-from anomalyd.bench_pipeline import Throughput, lag_under_overload, latency, stop_under_load, throughput
+from anomalyd.bench_pipeline import (
+    Latency,
+    Throughput,
+    lag_under_overload,
+    latency,
+    stop_under_load,
+    throughput,
+)
 from anomalyd.bench_web import web_cost
 from anomalyd.bundle import load_bundle
 from anomalyd.scoring import ClipScorer
@@ -88,8 +95,8 @@ class ModelFigures:
     batch_s: float  # per model input in batches of 64
     inputs_per_audio_s: float
     sweep: list[Throughput]
-    latency: tuple[float, float, int]  # p50 ms, p99 ms, windows; independent microphones
-    latency_aligned: tuple[float, float, int]  # the same, file replays started together
+    latency: Latency  # independent microphones
+    latency_aligned: Latency  # the same, file replays started together
 
     @property
     def parts_streams_per_core(self) -> float:
@@ -100,8 +107,7 @@ class ModelFigures:
         return next(t for t in self.sweep if t.streams == HEADLINE)
 
     def rows(self) -> list[tuple[str, str]]:
-        p50, p99, n = self.latency
-        a50, a99, an = self.latency_aligned
+        mics, aligned = self.latency, self.latency_aligned
         return [
             ("log-mel, per second of audio", f"{self.feature_s * 1e3:.3f} ms"),
             ("inference, 1 model input (batch 1)", f"{self.single_s * 1e3:.3f} ms"),
@@ -111,9 +117,10 @@ class ModelFigures:
             *[(f"pipeline, {t.streams} fast replays: real-time streams per core (audio s per CPU-s)",
                f"{t.audio_per_cpu_second:.0f} ({t.audio_per_second:.0f} audio s/s)") for t in self.sweep],
             (f"window latency, {LATENCY_STREAMS} real-time microphones: p50 / p99",
-             f"{p50:.1f} / {p99:.1f} ms ({n} windows)"),
+             f"{mics.p50_ms:.1f} / {mics.p99_ms:.1f} ms ({mics.windows} windows)"),
+            ("  the same: real-time streams per core (0.1 s blocks)", f"{mics.streams_per_core:.0f}"),
             (f"  the same, {LATENCY_STREAMS} file replays started together",
-             f"{a50:.1f} / {a99:.1f} ms ({an} windows)"),
+             f"{aligned.p50_ms:.1f} / {aligned.p99_ms:.1f} ms ({aligned.windows} windows)"),
         ]  # fmt: skip
 
 
@@ -210,8 +217,9 @@ def main(argv: list[str] | None = None) -> int:
             "limit_fraction": per_core / limit.frame_once,
             "flops_per_window": limit.flops_per_window,
             "matmul_peak_gflops": limit.peak_gflops,
-            "p50_latency_ms_at_128": main_model.latency[0],
-            "p99_latency_ms_at_128": main_model.latency[1],
+            "p50_latency_ms_at_128": main_model.latency.p50_ms,
+            "p99_latency_ms_at_128": main_model.latency.p99_ms,
+            "capture_streams_per_core_at_128": main_model.latency.streams_per_core,
             "rss_mb_16_streams": web_off.rss_mb,
             "web_rss_mb": web_on.rss_mb - web_off.rss_mb,
             "startup_s": web_off.ready_s,
@@ -220,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                     "streams_per_core": m.headline.audio_per_cpu_second,
                     "streams_per_core_by_streams": {str(t.streams): t.audio_per_cpu_second for t in m.sweep},
                     "limit_fraction": m.headline.audio_per_cpu_second / limit.frame_once,
-                    "p50_latency_ms_at_128": m.latency[0],
-                    "p99_latency_ms_at_128": m.latency[1],
+                    "p50_latency_ms_at_128": m.latency.p50_ms,
+                    "p99_latency_ms_at_128": m.latency.p99_ms,
+                    "capture_streams_per_core_at_128": m.latency.streams_per_core,
                 }
                 for m in others
             },

@@ -21,7 +21,7 @@ from typing import Protocol
 
 from threadpoolctl import threadpool_limits
 
-from anomalyd.capacity import step_seconds, worker_count
+from anomalyd.capacity import stream_load, worker_count
 from anomalyd.config import DaemonConfig, FileSource, MicSource, StreamConfig
 from anomalyd.errors import AnomalydError
 from anomalyd.latency import LatencyRecord
@@ -157,7 +157,7 @@ class Pipeline:
 
     def _cost(self, config: DaemonConfig, models: dict[Path, Model]) -> float:
         """Each stream's cost noted, for placing it; the streams' summed cost, in cores."""
-        self._costs = {s.name: models[s.bundle].cost.of(step_seconds(s)) for s in config.streams}
+        self._costs = {s.name: stream_load(models[s.bundle].cost, s) for s in config.streams}
         return sum(self._costs.values())
 
     def start(self, config: DaemonConfig) -> None:

@@ -115,6 +115,8 @@ class StreamRuntime:
         self._lead_samples = int(clips.pre_roll_seconds * model.rate)  # an event's chart starts this early
         self._trace: EventTrace | None = None
         self._resampler: Resampler | None = None
+        self._fed = 0  # samples fed to the resampler since it was made
+        self._fed_from = 0  # samples (at the model rate) the stream had then
         self._anchor: tuple[int, dt.datetime] | None = None  # (sample index, its UTC time)
         self._reanchor = True
         self._event_id: str | None = None
@@ -163,6 +165,8 @@ class StreamRuntime:
         samples = self._observe(block, out)
         if self._resampler is None or self._resampler.in_rate != block.rate:
             self._resampler = Resampler(block.rate, self.model.rate)
+            self._fed, self._fed_from = 0, self.windows.samples_in
+        self._fed += len(samples)
         samples = self._resampler(samples)
         first = self.windows.samples_in
         if self._reanchor:
@@ -175,6 +179,16 @@ class StreamRuntime:
         if self.clips is not None:
             self._add_clip(out, self.clips.push(first, samples))
         return out
+
+    def completes_nothing(self, samples: int, rate: int) -> bool:
+        """Whether `samples` more audio at `rate` is sure to complete no tile or window, so that it can wait
+        and be fed with the audio after it (anomalyd/holdback.py). A resampler's output never runs ahead of
+        its input's duration (soxr's trails it by its filter's delay)."""
+        if self._resampler is None or self._resampler.in_rate != rate:
+            return False
+        most = (self._fed + samples) * self.model.rate  # the most output it can give, times `rate`
+        wanted = (self.windows.samples_in - self._fed_from + self.windows.samples_wanted()) * rate
+        return most < wanted
 
     def _observe(self, block: AudioBlock, out: Output) -> npt.NDArray[np.float32]:
         """The block's samples made safe, health judged a second at a time (merged blocks can be long)."""

@@ -75,6 +75,13 @@ class StreamingWindows:
         self._next_tile = 0
         self.samples_in = 0  # samples received so far
 
+    def samples_wanted(self) -> int:
+        """Samples still to come (at the model rate) before the next tile or window is complete."""
+        p, g = self.logmel.params, self.geometry
+        tile = self._next_tile * g.tile_hop + g.model_frames
+        frames = min(tile, self._next_window * g.hop_frames + g.n_frames)
+        return max(0, p.n_samples(frames) - self.samples_in)
+
     def push(self, samples: npt.NDArray[np.float32]) -> Step:
         """Add a block; return the tiles and windows it completes."""
         p, g = self.logmel.params, self.geometry

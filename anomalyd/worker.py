@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from anomalyd.holdback import HOLD_SECONDS, Holdback
 from anomalyd.inbox import Inbox, Merged
 from anomalyd.latency import LatencyRecord
 from anomalyd.records import (
@@ -34,7 +35,7 @@ from anomalyd.records import (
     SourceStatus,
     utc_now,
 )
-from anomalyd.sources.base import SourceNotice
+from anomalyd.sources.base import AudioBlock, SourceNotice
 from anomalyd.stream import Output, StreamRuntime
 from anomalyd.streaming import Step, Tile, Window
 from anomalyd.tap import AudioTap
@@ -104,9 +105,11 @@ class Worker:
         # Windows to score once their tiles are, with when the audio that completed them arrived.
         self._pending: list[tuple[StreamRuntime, Window, float]] = []
         self._pending_since = 0.0  # when the oldest pending window was completed
+        self._holdback = Holdback()  # audio that completes nothing yet
         self.heartbeat = time.monotonic()
         self.windows_scored = 0
         self.blocks_discarded = 0  # queued audio given up at shutdown
+        self.steps = 0  # audio fed to a stream (a block, blocks merged, or blocks held back and the next)
 
     def start(self, runtimes: Iterable[StreamRuntime]) -> None:
         self.runtimes = {r.name: r for r in runtimes}
@@ -134,8 +137,10 @@ class Worker:
             # Everything queued at once: a stream's backlog is one merged step, and a batch spans the
             # streams; scores follow each take, so no stream's audio runs more than a take ahead of them.
             items = self.inbox.take_merged(0.1 if stop_deadline else 0.25)
-            if not items and stop_deadline is not None:
-                break
+            if not items:
+                if stop_deadline is not None:
+                    break
+                self._release_all()  # idle: nothing is held back for audio that may not come soon
             for done, item in enumerate(items):
                 if stop_deadline is None and self._stopping.is_set():
                     stop_deadline = time.monotonic() + STOP_DRAIN_S
@@ -150,6 +155,7 @@ class Worker:
                     self._score_pending()
             self._score_pending()
         self._discard(self.inbox.take_merged(0.0))
+        self._release_all()
         self._score_pending()
         for runtime in self.runtimes.values():
             self._emit(runtime.finish(reason="shutdown"))
@@ -168,6 +174,8 @@ class Worker:
             item.done.set()
             return
         if isinstance(item, Swap):
+            for name in item.remove:
+                self._release(name)
             self._score_pending()
             for name in item.remove:
                 runtime = self.runtimes.pop(name, None)
@@ -185,15 +193,18 @@ class Worker:
             runtime = self.runtimes.get(block.stream)
             if runtime is None:
                 return  # audio still queued for a stream that was just removed
-            out = runtime.feed(block)
-            if out.audio is not None and len(out.audio) and self.tap.wants(block.stream):
-                self.tap.audio(block.stream, out.audio, block.rate, runtime.model.rate)
-            self._hold(runtime, out, block.received)
-            self._emit(out)
+            if self._holdback.rate(block.stream) not in (None, block.rate):
+                self._release(block.stream)
+            samples = self._holdback.samples(block.stream) + len(block.samples)
+            if samples < HOLD_SECONDS * block.rate and runtime.completes_nothing(samples, block.rate):
+                self._holdback.keep(block)
+                return
+            self._feed(runtime, self._holdback.release(block.stream, block) or block)
             return
         runtime = self.runtimes.get(item.stream)
         if runtime is None:
             return  # a notice still queued for a stream that was just removed
+        self._release(item.stream)  # what the source sent before its notice comes first
         if isinstance(item, SourceNotice):
             if item.state != SourceState.OK:
                 self._hold(runtime, runtime.drain(), time.monotonic())
@@ -201,6 +212,25 @@ class Worker:
             self._emit(runtime.notice(item))
             if self.tap.wants(item.stream):
                 self.tap.notice(item.stream, item.state, item.detail)
+
+    def _feed(self, runtime: StreamRuntime, block: AudioBlock) -> None:
+        self.steps += 1
+        out = runtime.feed(block)
+        if out.audio is not None and len(out.audio) and self.tap.wants(block.stream):
+            self.tap.audio(block.stream, out.audio, block.rate, runtime.model.rate)
+        self._hold(runtime, out, block.received)
+        self._emit(out)
+
+    def _release(self, stream: str) -> None:
+        """Feed the audio held back for `stream` (anomalyd/holdback.py)."""
+        block = self._holdback.release(stream)
+        runtime = self.runtimes.get(stream)
+        if block is not None and runtime is not None:
+            self._feed(runtime, block)
+
+    def _release_all(self) -> None:
+        for stream in self._holdback.streams():
+            self._release(stream)
 
     def _restate(self, runtimes: Iterable[StreamRuntime]) -> None:
         """Every stream's alarm state and known source health, again: subscribers that missed a change
