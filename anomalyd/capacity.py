@@ -73,14 +73,14 @@ class Cost:
     audio: float
     step: float
     block: float
-    live: float
+    live_input: float
     input_seconds: float
 
     def of(self, block_seconds: float, live: bool) -> float:
         """Cores that a stream whose blocks hold `block_seconds` of audio takes."""
         steps = 1.0 / max(block_seconds, self.input_seconds)
         held = 1.0 / block_seconds - steps
-        scored_alone = self.live / self.input_seconds if live else 0.0
+        scored_alone = self.live_input / self.input_seconds if live else 0.0
         return self.audio + self.step * steps + self.block * held + scored_alone
 
 
@@ -97,7 +97,7 @@ def stream_cost(logmel: LogMel, autoencoder: Autoencoder, geometry: WindowGeomet
         audio=PIPELINE_FACTOR * (features + per_input / input_seconds),
         step=STEP_FACTOR * features,
         block=BLOCK_FACTOR * features,
-        live=LIVE_FACTOR * features,
+        live_input=LIVE_FACTOR * features,
         input_seconds=input_seconds,
     )
 
@@ -106,10 +106,10 @@ def stream_load(cost: Cost, stream: StreamConfig) -> float:
     """Cores that `stream` takes with a model of `cost`."""
     source = stream.source
     live = not isinstance(source, FileSource) or source.realtime
-    return cost.of(step_seconds(stream), live)
+    return cost.of(block_seconds(stream), live)
 
 
-def step_seconds(stream: StreamConfig) -> float:
+def block_seconds(stream: StreamConfig) -> float:
     """Audio in each of the stream's blocks: its source's, or for a file taken as fast as it goes, the
     larger blocks it is then read in."""
     source = stream.source

@@ -27,13 +27,12 @@ class Holdback:
 
     def __init__(self) -> None:
         self._held: dict[str, list[AudioBlock]] = {}
-        self._samples: dict[str, int] = {}
 
     def streams(self) -> list[str]:
         return list(self._held)
 
     def samples(self, stream: str) -> int:
-        return self._samples.get(stream, 0)
+        return sum(len(b.samples) for b in self._held.get(stream, ()))
 
     def rate(self, stream: str) -> int | None:
         held = self._held.get(stream)
@@ -43,14 +42,12 @@ class Holdback:
         """Hold `block` after its stream's held blocks (at the same rate: `release` them first otherwise)."""
         assert self.rate(block.stream) in (None, block.rate)
         self._held.setdefault(block.stream, []).append(block)
-        self._samples[block.stream] = self.samples(block.stream) + len(block.samples)
 
     def release(self, stream: str, then: AudioBlock | None = None) -> AudioBlock | None:
         """The stream's held blocks, followed by `then` (at their rate), as one block; None when there is
         neither. Timed from `then`'s arrival where there is one: the held audio completes nothing, so no
         window completes before `then` arrived."""
         blocks = self._held.pop(stream, [])
-        self._samples.pop(stream, None)
         if then is not None:
             blocks.append(then)
         if len(blocks) <= 1:

@@ -63,7 +63,7 @@ def main() -> int:
         "statuses": statuses,
         "opens": opens,
         "scored": pipeline.windows_scored,
-        "workers": len(pipeline._workers),
+        "workers": pipeline.workers,
     }))  # fmt: skip
     return 0
 

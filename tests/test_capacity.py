@@ -98,7 +98,7 @@ def test_a_capture_stream_s_small_steps_count_for_more_than_a_fast_replay_s(
         "fast": {"path": "a.wav", "realtime": False},
     }
     live, fast = load_config(write_config(tmp_path / "d.toml", bundle_dir, streams)).streams
-    assert capacity.step_seconds(live) == 0.1
-    assert capacity.step_seconds(fast) == FAST_BLOCK_SECONDS
+    assert capacity.block_seconds(live) == 0.1
+    assert capacity.block_seconds(fast) == FAST_BLOCK_SECONDS
     cost = Model.load(bundle_dir, threads=1).cost
     assert capacity.stream_load(cost, live) > 2 * capacity.stream_load(cost, fast)

@@ -99,9 +99,10 @@ def test_a_worker_fed_capture_blocks_scores_as_offline_in_a_fifth_of_the_steps(
         .window_errors
     )
     runtime = _runtime(model, tmp_path, trail_seconds=60.0)
+    stopping = threading.Event()
     worker = Worker(
         "w", Collected(), tap=AudioTap(),
-        latency=LatencyRecord(), events_started=defaultdict(int), stopping=threading.Event(),
+        latency=LatencyRecord(), events_started=defaultdict(int), stopping=stopping,
         max_batch=lambda: 64, score_interval=None, on_room=lambda: None,
     )  # fmt: skip
     worker.start([runtime])
@@ -119,7 +120,7 @@ def test_a_worker_fed_capture_blocks_scores_as_offline_in_a_fifth_of_the_steps(
     while runtime.health.state != SourceState.ENDED:
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    worker._stopping.set()
+    stopping.set()
     assert worker.join(10.0)
     assert runtime.trail is not None
     streamed = [score for _, score in runtime.trail.since(0.0)]
